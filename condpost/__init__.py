@@ -1,0 +1,45 @@
+"""condpost: conditioned, tempered local posteriors of trained neural networks.
+
+A trained network ``w*`` is one deterministic program. condpost samples the
+*reference class* of programs near it — the tempered local posterior
+``π(w) ∝ exp(−nβ L_n(w) − γ/2‖w − w*‖² − Σ_c ρ_c D_c(w))`` — conditioned on the
+features to preserve, and analyses it.
+
+Importing condpost never imports jax.
+"""
+
+__version__ = "0.1.0"
+
+from ._errors import CenterWarning, CondpostWarning, ConstraintWarning, SamplerWarning
+from .constraints import Activations, Constraint, WeightZeroPattern
+from .lifting import LiftedNetwork
+from .likelihoods import Bernoulli, Categorical, CustomNLL, Gaussian, Likelihood
+from .posterior import LocalPosterior
+from .primitives import capture, init_to_center, lift, preserve, temper
+from .reference import ReferenceClass
+from .slt import LLC
+
+__all__ = [
+    "__version__",
+    "LocalPosterior",
+    "ReferenceClass",
+    "LiftedNetwork",
+    "Likelihood",
+    "Categorical",
+    "Gaussian",
+    "Bernoulli",
+    "CustomNLL",
+    "Constraint",
+    "Activations",
+    "WeightZeroPattern",
+    "LLC",
+    "lift",
+    "temper",
+    "preserve",
+    "capture",
+    "init_to_center",
+    "CondpostWarning",
+    "CenterWarning",
+    "SamplerWarning",
+    "ConstraintWarning",
+]

@@ -1,0 +1,103 @@
+"""Shared helpers for clear, actionable errors and warnings."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "CondpostWarning",
+    "CenterWarning",
+    "SamplerWarning",
+    "ConstraintWarning",
+    "nearest",
+    "match_patterns",
+    "check_finite",
+    "warn",
+]
+
+
+class CondpostWarning(UserWarning):
+    """Base class of every warning condpost emits."""
+
+
+class CenterWarning(CondpostWarning):
+    """The centre w* is not at a local minimum of the loss."""
+
+
+class SamplerWarning(CondpostWarning):
+    """A sampler diagnostic (divergences, R-hat, ESS, virial ratio) failed."""
+
+
+class ConstraintWarning(CondpostWarning):
+    """A preserved-feature constraint is irrelevant or dominates."""
+
+
+def warn(message: str, category: type[Warning] = CondpostWarning, stacklevel: int = 3) -> None:
+    warnings.warn(message, category, stacklevel=stacklevel)
+
+
+def nearest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Return up to ``n`` candidates closest to ``name`` (prefix matches first)."""
+    candidates = list(candidates)
+    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.3)
+    stem = name.rstrip("*.").split("*")[0]
+    prefixed = [c for c in candidates if stem and c.startswith(stem)]
+    out: list[str] = []
+    for c in prefixed[:n] + close:
+        if c not in out:
+            out.append(c)
+    if not out:
+        out = candidates[:n]
+    return out[:n]
+
+
+def _pattern_matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
+
+
+def match_patterns(
+    patterns: str | Sequence[str] | None,
+    names: Sequence[str],
+    argname: str,
+    what: str = "parameter",
+) -> list[str]:
+    """Names matched by glob ``patterns`` (exact name, glob, or module prefix).
+
+    Every pattern must match at least one name; otherwise a ``ValueError`` lists the
+    nearest real names.
+    """
+    if patterns is None:
+        return list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    selected: list[str] = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{argname} must hold strings (glob patterns); got {type(p).__name__}")
+        hits = [nm for nm in names if _pattern_matches(nm, p)]
+        if not hits:
+            raise ValueError(
+                f"{argname}={p!r} matches no {what} name. Nearest {what} names: "
+                f"{nearest(p, names)}. Patterns are globs over `named_parameters()` names "
+                f"(e.g. 'layers.1.*'), exact names, or module paths."
+            )
+        selected.extend(h for h in hits if h not in selected)
+    return [nm for nm in names if nm in selected]
+
+
+def check_finite(t: torch.Tensor, argname: str) -> None:
+    """Raise a ValueError naming ``argname`` when ``t`` holds NaN or inf."""
+    if t.is_floating_point() or t.is_complex():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{argname} contains {int(bad.sum())} non-finite value(s) (NaN or inf), "
+                f"the first at index {idx}. Clean or drop those entries before building "
+                f"the posterior."
+            )

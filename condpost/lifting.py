@@ -1,0 +1,235 @@
+"""Lifting a ``torch.nn.Module``: parameter selection, flat vectors, functional forward, capture.
+
+The user's module is never mutated. :class:`LiftedNetwork` keeps detached copies of
+every parameter and buffer; the lifted parameters live in one flat vector ``w`` and
+the forward pass is :func:`torch.func.functional_call` on the module with those
+copies substituted. Activations at *sites* (module paths such as ``"layers.1"``) are
+captured with forward hooks that exist only during the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ._errors import check_finite, match_patterns, nearest
+
+__all__ = ["LiftedNetwork", "resolve_sites", "capture_hooks"]
+
+_STOCHASTIC_IN_TRAINING = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.AlphaDropout,
+)
+
+
+def resolve_sites(net: nn.Module, sites: str | Sequence[str], argname: str = "sites") -> list[str]:
+    """Validate site names (module paths; "" is the root, i.e. the output) and return a list."""
+    if isinstance(sites, str):
+        sites = [sites]
+    modules = dict(net.named_modules())
+    names = [n for n in modules if n]
+    out = []
+    for s in sites:
+        if not isinstance(s, str):
+            raise TypeError(f"{argname} must be module paths (str); got {type(s).__name__}")
+        if s not in modules:
+            raise ValueError(
+                f"{argname}: {s!r} is not a module path of this network. Nearest sites: "
+                f"{nearest(s, names)}. A site is a name from `net.named_modules()`, and its "
+                f"activation is that module's output ('' is the whole network's output)."
+            )
+        out.append(s)
+    return out
+
+
+@contextlib.contextmanager
+def capture_hooks(net: nn.Module, sites: Sequence[str], store: dict) -> Iterator[dict]:
+    """Temporarily register forward hooks recording each site's output into ``store``."""
+    modules = dict(net.named_modules())
+    handles = []
+
+    def make_hook(site: str):
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"site {site!r} ({type(module).__name__}) returned a "
+                    f"{type(output).__name__}, not a tensor; choose a submodule whose output "
+                    f"is a single tensor (e.g. wrap the tuple-returning module or hook a child)."
+                )
+            store[site] = output
+
+        return hook
+
+    try:
+        for s in sites:
+            handles.append(modules[s].register_forward_hook(make_hook(s)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class LiftedNetwork:
+    """A module's parameters split into a lifted flat vector and frozen constants.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The trained network at ``w*``. It is never modified.
+    include, exclude : str or sequence of str, optional
+        Glob patterns over ``net.named_parameters()`` names selecting the lifted
+        parameters (default: all). A pattern may also be a module path, meaning every
+        parameter below it. An unmatched pattern raises an error listing the nearest
+        names.
+    dtype : torch.dtype, optional
+        Floating dtype of the lifted vector, frozen copies and data (default: the
+        dtype of the network's first parameter).
+    center : mapping or tensor, optional
+        Override for ``w*``: a flat vector or a ``{name: tensor}`` mapping for the
+        lifted parameters. Default: the module's current values.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        center: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
+        stochastic = [
+            n
+            for n, m in net.named_modules()
+            if isinstance(m, _STOCHASTIC_IN_TRAINING) and m.training
+        ]
+        if stochastic:
+            raise ValueError(
+                f"net has dropout/batch-norm modules in training mode ({stochastic[:3]}); the "
+                f"posterior needs a deterministic forward pass. Call `net.eval()` first."
+            )
+        all_params = dict(net.named_parameters())
+        if not all_params:
+            raise ValueError("net has no parameters to lift")
+        names_all = list(all_params)
+        selected = match_patterns(include, names_all, "include")
+        if exclude is not None:
+            excluded = set(match_patterns(exclude, names_all, "exclude"))
+            selected = [n for n in selected if n not in excluded]
+        if not selected:
+            raise ValueError(
+                "include/exclude select no parameters; at least one parameter must be lifted. "
+                f"Parameters: {names_all[:10]}"
+            )
+        if dtype is None:
+            dtype = next(iter(all_params.values())).dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype; got {dtype}")
+        self.net = net
+        self.dtype = dtype
+        self.device = next(iter(all_params.values())).device
+        self.names: list[str] = selected
+        self.all_names: list[str] = names_all
+        self.shapes: list[torch.Size] = [all_params[n].shape for n in selected]
+        self.numels: list[int] = [all_params[n].numel() for n in selected]
+        self.offsets: list[int] = []
+        off = 0
+        for k in self.numels:
+            self.offsets.append(off)
+            off += k
+        self.d = off
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().clone()
+            return t.to(dtype) if t.is_floating_point() else t
+
+        self.frozen: dict[str, torch.Tensor] = {
+            n: copy(p) for n, p in all_params.items() if n not in selected
+        }
+        self.frozen.update({n: copy(b) for n, b in net.named_buffers()})
+        for n, t in self.frozen.items():
+            check_finite(t, f"net parameter/buffer {n!r}")
+
+        if center is None:
+            flat = torch.cat([all_params[n].detach().reshape(-1).to(dtype) for n in selected])
+        elif isinstance(center, Mapping):
+            missing = [n for n in selected if n not in center]
+            if missing:
+                raise ValueError(f"center is missing lifted parameters {missing}")
+            parts = []
+            for n, shp in zip(selected, self.shapes, strict=True):
+                c = torch.as_tensor(center[n])
+                if c.shape != shp:
+                    raise ValueError(f"center[{n!r}] has shape {tuple(c.shape)}; expected {shp}")
+                parts.append(c.detach().reshape(-1).to(dtype))
+            flat = torch.cat(parts)
+        else:
+            flat = torch.as_tensor(center).detach().to(dtype).reshape(-1)
+            if flat.numel() != self.d:
+                raise ValueError(f"center has {flat.numel()} entries; the lifted vector has {self.d}")
+        self.center: torch.Tensor = flat.clone().to(self.device)
+        self.center.requires_grad_(False)
+        check_finite(self.center, "center (w*)")
+
+    # ------------------------------------------------------------------ flat <-> named
+    def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split ``w`` of shape ``[..., d]`` into ``{name: tensor[..., *shape]}`` (views)."""
+        if w.shape[-1] != self.d:
+            raise ValueError(f"w has trailing size {w.shape[-1]}; the lifted vector has d={self.d}")
+        batch = w.shape[:-1]
+        return {
+            n: w[..., o : o + k].reshape(*batch, *s)
+            for n, o, k, s in zip(self.names, self.offsets, self.numels, self.shapes, strict=True)
+        }
+
+    def flatten(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`unflatten` for unbatched parameter dicts."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def slice_of(self, name: str) -> slice:
+        i = self.names.index(name)
+        return slice(self.offsets[i], self.offsets[i] + self.numels[i])
+
+    def full_params(self, lifted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(self.frozen)
+        out.update(lifted)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def call(
+        self,
+        lifted: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        sites: Sequence[str] = (),
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Functional forward with the lifted parameters ``lifted``; returns (output, acts)."""
+        params = self.full_params(lifted)
+        acts: dict[str, torch.Tensor] = {}
+        if sites:
+            with capture_hooks(self.net, sites, acts):
+                out = functional_call(self.net, params, (x,))
+        else:
+            out = functional_call(self.net, params, (x,))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the network returned a {type(out).__name__}; condpost needs a single output "
+                f"tensor. Wrap the module so that forward returns one tensor."
+            )
+        return out, acts
+
+    def forward(self, w: torch.Tensor, x: torch.Tensor, sites: Sequence[str] = ()):
+        """Forward pass at flat weights ``w``; returns the output, or (output, acts) if sites."""
+        out, acts = self.call(self.unflatten(w), x, sites)
+        return (out, acts) if sites else out
+
+    def named_center(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.unflatten(self.center).items()}
+
+    def site_names(self) -> list[str]:
+        return [n for n, _ in self.net.named_modules() if n]

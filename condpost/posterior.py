@@ -1,0 +1,513 @@
+"""``LocalPosterior``: the backend-neutral declaration of a conditioned, tempered local posterior.
+
+.. math::
+
+    \\pi_C(w) \\propto \\exp\\Big\\{-n\\beta L_n(w) - \\tfrac{\\gamma}{2}\\|w-w^*\\|^2
+    - \\sum_c \\rho_c D_c(w)\\Big\\}
+
+with ``L_n`` the mean per-sample NLL, ``nβ`` the inverse temperature times ``n``
+(default ``n/log n``, THEORY §1.4), ``γ`` the localization and ``ρ_c D_c`` the
+preserved-feature factors (THEORY §2). The potential ``U(w)`` is written once in
+torch; the Pyro model form (:meth:`LocalPosterior.model`) is built from the public
+primitives, and both give the same log density.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ._errors import CenterWarning, check_finite, warn
+from .constraints import BoundConstraint, Constraint, ForwardView
+from .lifting import LiftedNetwork
+from .likelihoods import Likelihood, as_likelihood
+from .primitives import check_localization, lift, preserve, resolve_nbeta, temper
+
+__all__ = ["LocalPosterior"]
+
+
+class LocalPosterior:
+    """A tempered local posterior around a trained network, optionally conditioned.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The trained network at ``w*``. It is never modified.
+    data : tuple (x, y)
+        The ``n`` samples that define ``L_n``.
+    likelihood : Likelihood or callable
+        ``Categorical()``, ``Gaussian(scale=s)``, ``Bernoulli()``, or a callable
+        ``(output, y) -> per-sample NLL [n]``.
+    nbeta : float or "wbic"
+        nβ; ``"wbic"`` (default) is ``n/log n``. Note that devinterp's default is the
+        batch size over its log, not this.
+    localization : float
+        γ > 0, precision of the local prior ``N(w*, γ⁻¹ I)``. Required: there is no
+        zero default.
+    include, exclude : glob patterns over ``named_parameters()`` names
+        Which parameters are lifted (default: all); the rest stay at ``w*``. Lifting a
+        subset is the weight-refined setting (THEORY C10).
+    dtype : torch.dtype, optional
+        Computation dtype (default: the network's). Use ``torch.float64`` for exact tests.
+    center : tensor or mapping, optional
+        Override ``w*`` (default: the module's current weights).
+    check_center : bool
+        Warn when ``w*`` is far from a minimum of ``L_n`` (default True).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        data: tuple[torch.Tensor, torch.Tensor],
+        likelihood: Likelihood | Callable,
+        *,
+        nbeta: float | str = "wbic",
+        localization: float,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        center=None,
+        check_center: bool = True,
+    ) -> None:
+        self.lifted = LiftedNetwork(net, include, exclude, dtype, center)
+        self.dtype = self.lifted.dtype
+        self.device = self.lifted.device
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise TypeError("data must be a pair (x, y) of tensors")
+        x = torch.as_tensor(data[0])
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        x = x.to(self.device)
+        check_finite(x, "data[0] (inputs x)")
+        self.likelihood = as_likelihood(likelihood)
+        y = self.likelihood.prepare_targets(data[1], self.dtype).to(self.device)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"data: x has {x.shape[0]} samples but y has {y.shape[0]}; they must match"
+            )
+        self.x, self.y = x, y
+        self.n = int(x.shape[0])
+        self.nbeta = resolve_nbeta(nbeta, self.n)
+        self.nbeta_spec = nbeta if isinstance(nbeta, str) else float(nbeta)
+        self.localization = check_localization(localization)
+        self.include, self.exclude = include, exclude
+        with torch.no_grad():
+            out = self.lifted.forward(self.center, x)
+        self.likelihood.validate(out, y)
+        with torch.no_grad():
+            nll = self.likelihood.nll(out, y)
+        if tuple(nll.shape) != (self.n,):
+            raise ValueError(
+                f"likelihood returned shape {tuple(nll.shape)}; expected per-sample NLLs ({self.n},)"
+            )
+        check_finite(nll, "the per-sample NLL at w*")
+        self.loss_center = float(nll.mean())
+        self._specs: list[Constraint] = []
+        self._bound: list[BoundConstraint] = []
+        self._plan: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self.center_check: dict = {}
+        if check_center:
+            self.center_check = self._check_center()
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def center(self) -> torch.Tensor:
+        """``w*`` as a flat vector (a private copy; never aliased by inference)."""
+        return self.lifted.center
+
+    @property
+    def d(self) -> int:
+        return self.lifted.d
+
+    @property
+    def constraints(self) -> list[BoundConstraint]:
+        return list(self._bound)
+
+    def __repr__(self) -> str:
+        cs = ", ".join(b.name for b in self._bound) or "none"
+        return (
+            f"LocalPosterior(d={self.d}, n={self.n}, nbeta={self.nbeta:.4g}, "
+            f"localization={self.localization:g}, likelihood={self.likelihood!r}, constraints=[{cs}])"
+        )
+
+    def preserve(self, constraint: Constraint) -> LocalPosterior:
+        """Add a preserved-feature constraint; returns ``self`` for chaining."""
+        if not isinstance(constraint, Constraint):
+            raise TypeError(
+                f"preserve expects a condpost constraint (e.g. cp.Activations(...)); got "
+                f"{type(constraint).__name__}"
+            )
+        bound = constraint.bind(self)
+        if any(b.name == bound.name for b in self._bound):
+            raise ValueError(
+                f"a constraint named {bound.name!r} is already declared; pass name=... to tell "
+                f"them apart"
+            )
+        self._specs.append(constraint)
+        self._bound.append(bound)
+        if bound.probes is not None:
+            key = id(bound.probes)
+            probes, sites = self._plan.get(key, (bound.probes, []))
+            sites = sites + [s for s in bound.sites if s not in sites]
+            self._plan[key] = (probes, sites)
+        return self
+
+    def with_nbeta(self, nbeta) -> LocalPosterior:
+        """A copy of this declaration at another nβ (constraints re-bound)."""
+        return self._replace(nbeta=nbeta)
+
+    def _replace(self, **kw) -> LocalPosterior:
+        args = dict(
+            nbeta=self.nbeta_spec,
+            localization=self.localization,
+            include=self.include,
+            exclude=self.exclude,
+            dtype=self.dtype,
+            center=self.lifted.center,
+            check_center=False,
+        )
+        args.update(kw)
+        new = LocalPosterior(self.lifted.net, (self.x, self.y), self.likelihood, **args)
+        for c in self._specs:
+            new.preserve(c)
+        return new
+
+    # ------------------------------------------------------------------ potential
+    def _as_w(self, w) -> torch.Tensor:
+        w = torch.as_tensor(w)
+        if w.shape[-1:] != (self.d,):
+            raise ValueError(f"w must have trailing size d={self.d}; got shape {tuple(w.shape)}")
+        return w.to(self.dtype)
+
+    def view(self, w: torch.Tensor) -> ForwardView:
+        return ForwardView(self.lifted, self.lifted.unflatten(w), self._plan, flat=w)
+
+    def loss(self, w: torch.Tensor) -> torch.Tensor:
+        """``L_n(w)``: the mean per-sample NLL on the data."""
+        out = self.lifted.forward(w, self.x)
+        return self.likelihood.nll(out, self.y).mean()
+
+    def terms(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-term breakdown of ``U(w)``: ``loss`` (nβ·L_n), ``localizer``, ``constraint/<name>``."""
+        w = self._as_w(w)
+        out = {"loss": self.nbeta * self.loss(w)}
+        diff = w - self.center
+        out["localizer"] = 0.5 * self.localization * (diff * diff).sum()
+        if self._bound:
+            v = self.view(w)
+            for b in self._bound:
+                out[f"constraint/{b.name}"] = b.penalty(v)
+        return out
+
+    def potential(self, w: torch.Tensor) -> torch.Tensor:
+        """``U(w) = nβ L_n(w) + γ/2‖w − w*‖² + Σ_c ρ_c D_c(w)`` (target ∝ e^{−U})."""
+        return sum(self.terms(w).values())
+
+    def log_density(self, w: torch.Tensor) -> torch.Tensor:
+        """``−U(w)`` plus the local prior's normaliser ``(d/2) log(γ/2π)``.
+
+        This equals the log joint of the Pyro model form (:meth:`model`), constants
+        included, so the two can be compared to float precision.
+        """
+        return -self.potential(w) + 0.5 * self.d * math.log(self.localization / (2 * math.pi))
+
+    def defects(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``D_c(w)`` for each constraint (before the strength ρ_c)."""
+        v = self.view(self._as_w(w))
+        return {b.name: b.defect(v) for b in self._bound}
+
+    # ------------------------------------------------------------------ Pyro model form
+    def model(self) -> None:
+        """The Pyro model form, written with the public primitives.
+
+        Sample sites ``"net.<param>"`` (local prior), the tempered likelihood site
+        ``"y"`` inside ``plate("data")``, and one factor ``"constraint/<name>"`` per
+        constraint. Its log joint equals :meth:`log_density` at the same weights.
+        """
+        f = lift("net", self.lifted, localization=self.localization)
+        out = f(self.x)
+        with temper(self.nbeta, self.n):
+            import pyro
+
+            with pyro.plate("data", self.n):
+                self.likelihood.observe("y", out, self.y)
+        if self._bound:
+            v = ForwardView(self.lifted, f.params, self._plan)
+            for b in self._bound:
+                if b.family == "gaussian" and b.target is not None:
+                    if b.tolerance is not None:
+                        preserve(b.name, b.feature(v), b.target, tolerance=b.tolerance)
+                    else:
+                        preserve(b.name, log_factor=-b.rho * b.defect(v))
+                else:
+                    preserve(b.name, log_factor=-b.penalty(v))
+
+    def flat_to_sites(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map a flat ``w`` to the model form's site values ``{"net.<param>": tensor}``."""
+        return {f"net.{k}": v for k, v in self.lifted.unflatten(self._as_w(w)).items()}
+
+    # ------------------------------------------------------------------ batched evaluation
+    def evaluate(self, W: torch.Tensor, *, grad: bool = True, chunk: int = 256) -> dict:
+        """Per-draw statistics for draws ``W`` of shape ``[S, d]``.
+
+        Returns a dict of tensors ``[S]``: ``loss`` (L_n), ``defect/<name>`` (D_c), and
+        with ``grad=True`` ``virial`` = ``(w − w*)·∇U(w)``.
+        """
+        W = self._as_w(W).reshape(-1, self.d)
+        names = [b.name for b in self._bound]
+
+        def stats(w):
+            loss = self.loss(w)
+            v = self.view(w)
+            ds = [b.defect(v) for b in self._bound]
+            return loss, ds
+
+        def stats_grad(w):
+            w = w.detach().requires_grad_(True)
+            with torch.enable_grad():
+                u = self.potential(w)
+                (g,) = torch.autograd.grad(u, w)
+            with torch.no_grad():
+                loss, ds = stats(w.detach())
+            return loss, ds, ((w.detach() - self.center) * g).sum()
+
+        out: dict[str, list] = {"loss": []}
+        for nm in names:
+            out[f"defect/{nm}"] = []
+        if grad:
+            out["virial"] = []
+        vmapped = self._vmapped_stats(grad)
+        for i in range(0, W.shape[0], chunk):
+            block = W[i : i + chunk]
+            res = None
+            if vmapped is not None:
+                try:
+                    res = vmapped(block)
+                except Exception:  # noqa: BLE001 - modules that vmap cannot trace
+                    self._vmap_ok = False
+                    vmapped = None
+            if res is None:
+                rows = [stats_grad(w) if grad else (*stats(w),) for w in block]
+                loss = torch.stack([r[0] for r in rows])
+                ds = [torch.stack([r[1][j] for r in rows]) for j in range(len(names))]
+                vir = torch.stack([r[2] for r in rows]) if grad else None
+            else:
+                loss, ds, vir = res
+            out["loss"].append(loss.detach())
+            for nm, dv in zip(names, ds, strict=True):
+                out[f"defect/{nm}"].append(dv.detach())
+            if grad:
+                out["virial"].append(vir.detach())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    _vmap_ok = True
+
+    def _vmapped_stats(self, grad: bool):
+        if not self._vmap_ok:
+            return None
+        from torch.func import grad as fgrad
+        from torch.func import vmap
+
+        def stats(w):
+            loss = self.loss(w)
+            v = self.view(w)
+            ds = [b.defect(v) for b in self._bound]
+            return loss, ds
+
+        if not grad:
+
+            def nograd(W):
+                loss, ds = vmap(stats)(W)
+                return loss, ds, None
+
+            return nograd
+
+        def one(w):
+            g = fgrad(self.potential)(w)
+            loss, ds = stats(w)
+            return loss, ds, ((w - self.center) * g).sum()
+
+        return vmap(one)
+
+    # ------------------------------------------------------------------ centre check
+    def _check_center(self, max_iter: int = 50) -> dict:
+        """Is ``w*`` near a minimum? Estimate the quadratic-model shift of λ̂.
+
+        With ``g = ∇(nβ L_n)(w*)`` and ``H`` its Hessian, the locally Gaussian posterior
+        has mean shift ``δ = −(H + γI)⁻¹ g`` and
+        ``E[nβ ΔL] − ½tr(HΣ) = ½ δᵀHδ + gᵀδ`` (THEORY §4.1), computed here by conjugate
+        gradients on Hessian-vector products.
+        """
+        from torch.func import grad as fgrad
+        from torch.func import jvp
+
+        c = self.center
+
+        def tl(w):
+            return self.nbeta * self.loss(w)
+
+        try:
+            g = fgrad(tl)(c).detach()
+        except Exception:  # noqa: BLE001
+            w = c.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(tl(w), w)
+        gnorm = float(g.norm())
+        info = {"grad_norm": gnorm, "lambda_shift": 0.0, "negative_curvature": False}
+        if gnorm == 0.0:
+            return info
+
+        def hvp(v):
+            try:
+                return jvp(fgrad(tl), (c,), (v,))[1].detach()
+            except Exception:  # noqa: BLE001
+                w = c.clone().requires_grad_(True)
+                (gg,) = torch.autograd.grad(tl(w), w, create_graph=True)
+                (hv,) = torch.autograd.grad(gg, w, v)
+                return hv.detach()
+
+        gamma = self.localization
+        # CG for (H + γ I) s = g
+        s = torch.zeros_like(g)
+        r = g.clone()
+        p = r.clone()
+        rs = float(r @ r)
+        for _ in range(max_iter):
+            Ap = hvp(p) + gamma * p
+            pAp = float(p @ Ap)
+            if pAp <= 0:
+                info["negative_curvature"] = True
+                break
+            alpha = rs / pAp
+            s = s + alpha * p
+            r = r - alpha * Ap
+            rs_new = float(r @ r)
+            if rs_new**0.5 < 1e-6 * gnorm:
+                break
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+        delta = -s
+        shift = 0.5 * float(delta @ hvp(delta)) + float(g @ delta)
+        info["lambda_shift"] = shift
+        if info["negative_curvature"]:
+            warn(
+                f"w* is not at a local minimum of the localized loss nβ·L_n + γ/2‖w − w*‖²: the "
+                f"Hessian plus γ has a negative-curvature direction (|∇(nβ L_n)(w*)| = {gnorm:.3g}). "
+                f"λ̂ and the reference class are then dominated by the descent away from w*. "
+                f"Train w* further, or increase localization.",
+                CenterWarning,
+            )
+        elif shift < -0.5:
+            warn(
+                f"w* is not at a minimum of L_n: |∇(nβ L_n)(w*)| = {gnorm:.3g}. In the local "
+                f"quadratic model this lowers E[λ̂] by about {-shift:.3g} (THEORY §4.2: λ̂ ≈ d/2 − "
+                f"nβ·(L_n(w*) − min L_n)), and can make λ̂ negative. Refine w* with a few "
+                f"full-batch gradient/L-BFGS steps, or use a smaller nbeta.",
+                CenterWarning,
+            )
+        return info
+
+    # ------------------------------------------------------------------ inference
+    def sample(
+        self,
+        method: str = "nuts",
+        *,
+        chains: int = 4,
+        warmup: int = 1000,
+        draws: int = 1000,
+        seed: int = 0,
+        backend: str = "pyro",
+        progress: bool = True,
+        **kwargs,
+    ):
+        """Sample the posterior and return a :class:`~condpost.ReferenceClass`.
+
+        Parameters
+        ----------
+        method : {"nuts", "hmc"}
+            Sampler. NUTS is full-batch (THEORY §1.5).
+        chains, warmup, draws : int
+            Chains run one after another, each started at ``w*``.
+        seed : int
+            Seed; each chain gets an independent stream derived from it.
+        backend : {"pyro"}
+            Executor.
+        progress : bool
+            Show a progress bar.
+        **kwargs
+            Sampler options: ``target_accept`` (0.8), ``max_tree_depth`` (10),
+            ``dense_mass`` (False), ``step_size`` (initial, adapted), ``num_steps`` (HMC).
+        """
+        method = method.lower()
+        if method not in ("nuts", "hmc"):
+            raise ValueError(
+                f"method={method!r} is not available; choose 'nuts' or 'hmc' (use .fit('svi') for "
+                f"variational inference)"
+            )
+        if backend != "pyro":
+            raise ValueError(f"backend={backend!r} is not available; choose 'pyro'")
+        for arg, v, lo in (("chains", chains, 1), ("draws", draws, 1), ("warmup", warmup, 0)):
+            if int(v) != v or v < lo:
+                raise ValueError(f"{arg} must be an integer ≥ {lo}; got {v!r}")
+        from .infer.nuts import run_pyro_mcmc
+
+        res = run_pyro_mcmc(
+            self,
+            method=method,
+            chains=int(chains),
+            warmup=int(warmup),
+            draws=int(draws),
+            seed=int(seed),
+            progress=progress,
+            **kwargs,
+        )
+        return res
+
+    def fit(
+        self,
+        method: str = "svi",
+        *,
+        guide: str = "normal",
+        steps: int = 2000,
+        seed: int = 0,
+        lr: float = 0.01,
+        progress: bool = True,
+        **kwargs,
+    ):
+        """Variational fit; returns an :class:`~condpost.infer.svi.SVIResult` with ``.sample(n)``.
+
+        Parameters
+        ----------
+        guide : {"normal", "lowrank", "mvn"}
+            Mean-field, low-rank-plus-diagonal, or full-covariance Gaussian, started at ``w*``.
+        steps, lr : int, float
+            Adam steps and initial learning rate (decayed 100× over the run).
+        """
+        if method.lower() != "svi":
+            raise ValueError(f"fit method={method!r} is not available; choose 'svi'")
+        from .infer.svi import run_svi
+
+        return run_svi(self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs)
+
+    # ------------------------------------------------------------------ metadata
+    def config(self) -> dict:
+        return {
+            "n": self.n,
+            "d": self.d,
+            "nbeta": self.nbeta,
+            "nbeta_spec": self.nbeta_spec,
+            "localization": self.localization,
+            "likelihood": self.likelihood.to_config(),
+            "include": self.include,
+            "exclude": self.exclude,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "lifted": {
+                "names": list(self.lifted.names),
+                "shapes": [list(s) for s in self.lifted.shapes],
+            },
+            "constraints": [b.to_config() for b in self._bound],
+            "loss_center": self.loss_center,
+            "center_check": dict(self.center_check),
+        }

@@ -1,0 +1,316 @@
+"""Pyro-facing primitives: ``lift``, ``temper``, ``preserve``, ``capture``, ``init_to_center``.
+
+They compose with Pyro's own handlers (``trace``, ``condition``, ``block``, ``scale``,
+``substitute``) because each is an ordinary sample/factor statement or a small
+:class:`~pyro.poutine.messenger.Messenger` that does one job.
+
+Example
+-------
+>>> import math, torch, pyro, pyro.distributions as dist
+>>> import condpost as cp
+>>> net = torch.nn.Linear(3, 2).double()
+>>> x, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 2, dtype=torch.float64)
+>>> def model():
+...     f = cp.lift("net", net, localization=1.0)
+...     out = f(x)
+...     with cp.temper(nbeta="wbic", n=50), pyro.plate("data", 50):
+...         pyro.sample("y", dist.Normal(out, 0.5).to_event(1), obs=y)
+>>> tr = pyro.poutine.trace(model).get_trace()
+>>> sorted(n for n in tr.nodes if n.startswith("net."))
+['net.bias', 'net.weight']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.poutine.messenger import Messenger
+from torch import nn
+
+from .lifting import LiftedNetwork, capture_hooks, resolve_sites
+
+__all__ = [
+    "lift",
+    "temper",
+    "preserve",
+    "capture",
+    "init_to_center",
+    "LiftedFunction",
+    "TemperMessenger",
+    "resolve_nbeta",
+    "check_localization",
+]
+
+_CONSTRAINT_KEY = "condpost_constraint"
+_CENTER_KEY = "condpost_center"
+
+
+def resolve_nbeta(nbeta, n: int | None, argname: str = "nbeta") -> float:
+    """``"wbic"`` → ``n/log n``; a positive finite number → itself; anything else → error."""
+    if isinstance(nbeta, str):
+        if nbeta != "wbic":
+            raise ValueError(f"{argname} must be 'wbic' (n/log n) or a positive number; got {nbeta!r}")
+        if n is None:
+            raise ValueError(f"{argname}='wbic' needs the sample size n")
+        if n < 2:
+            raise ValueError(f"{argname}='wbic' (n/log n) needs n ≥ 2; got n={n}")
+        return n / math.log(n)
+    try:
+        v = float(nbeta)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be 'wbic' or a positive number; got {nbeta!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(
+            f"{argname} (nβ, the inverse temperature times n) must be positive and finite; got "
+            f"{nbeta!r}. Use 'wbic' for the default n/log n."
+        )
+    return v
+
+
+def check_localization(localization) -> float:
+    try:
+        g = float(localization)
+    except (TypeError, ValueError):
+        raise TypeError(f"localization (γ) must be a positive number; got {localization!r}") from None
+    if not (g > 0 and math.isfinite(g)):
+        raise ValueError(
+            f"localization (γ, the precision of the local prior N(w*, γ⁻¹I)) must be positive and "
+            f"finite; got {localization!r}. γ = 0 is not local: the chain can leave the basin of "
+            f"w*. Start with localization=1.0 and check that λ̂ is stable over a decade of γ."
+        )
+    return g
+
+
+class LiftedFunction:
+    """The network with its lifted parameters bound to sampled values.
+
+    Calling it runs the functional forward pass. It is returned by :func:`lift`.
+    """
+
+    def __init__(self, name: str, lifted: LiftedNetwork, params: dict[str, torch.Tensor]) -> None:
+        self.name = name
+        self.lifted = lifted
+        self.params = params
+        self._capture: list[tuple[list[str], dict]] = []
+
+    @property
+    def net(self) -> nn.Module:
+        return self.lifted.net
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sites: list[str] = []
+        for s, _ in self._capture:
+            sites.extend(t for t in s if t not in sites)
+        out, acts = self.lifted.call(self.params, x, sites)
+        for s, store in self._capture:
+            store.update({k: acts[k] for k in s})
+        return out
+
+    def flat(self) -> torch.Tensor:
+        """The lifted parameters as one flat vector."""
+        return self.lifted.flatten(self.params)
+
+
+_LIFT_CACHE: dict[tuple, LiftedNetwork] = {}
+
+
+def _lifted_for(net, include, exclude, dtype, center) -> LiftedNetwork:
+    if isinstance(net, LiftedNetwork):
+        return net
+    if center is not None:
+        return LiftedNetwork(net, include, exclude, dtype, center)
+
+    def norm(p):
+        return None if p is None else ((p,) if isinstance(p, str) else tuple(p))
+
+    state = tuple((p.data_ptr(), p._version) for p in net.parameters())
+    key = (id(net), norm(include), norm(exclude), dtype, state)
+    hit = _LIFT_CACHE.get(key)
+    if hit is None or hit.net is not net:
+        if len(_LIFT_CACHE) > 64:
+            _LIFT_CACHE.clear()
+        hit = _LIFT_CACHE[key] = LiftedNetwork(net, include, exclude, dtype, None)
+    return hit
+
+
+def lift(
+    name: str,
+    net: nn.Module | LiftedNetwork,
+    *,
+    localization: float,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    center=None,
+    dtype: torch.dtype | None = None,
+) -> LiftedFunction:
+    """Put sample sites ``"<name>.<param>"`` on the lifted parameters of ``net``.
+
+    Each site has the local prior ``Normal(w*, γ^{-1/2})`` (event dims = the
+    parameter's shape), centred at the module's current weights ``w*``. Frozen
+    parameters stay constants (never ``pyro.param`` sites, so SVI cannot train them).
+    The module itself is not modified.
+
+    Parameters
+    ----------
+    name : str
+        Prefix of the sample sites.
+    net : torch.nn.Module
+        The trained network.
+    localization : float
+        γ > 0, the precision of the local prior.
+    include, exclude : glob patterns over ``named_parameters()`` names.
+
+    Returns
+    -------
+    LiftedFunction
+        Call it on inputs to run the network with the sampled weights.
+    """
+    gamma = check_localization(localization)
+    lifted = _lifted_for(net, include, exclude, dtype, center)
+    scale = gamma**-0.5
+    params = {}
+    for pname, c in lifted.named_center().items():
+        params[pname] = pyro.sample(
+            f"{name}.{pname}",
+            dist.Normal(c, torch.full_like(c, scale)).to_event(c.dim()),
+            infer={_CENTER_KEY: c},
+        )
+    return LiftedFunction(name, lifted, params)
+
+
+class TemperMessenger(Messenger):
+    """Scale the log-likelihood of *observed* sites by ``β = nβ/n``, and nothing else.
+
+    Unlike :class:`pyro.poutine.scale`, latent sites (the local prior) and
+    ``constraint/*`` factor sites made by :func:`preserve` are left unscaled even when
+    they sit inside the context, so the target is exactly
+    ``exp(−nβ L_n(w) − γ/2‖w − w*‖² − Σ ρ_c D_c)``.
+    """
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _pyro_sample(self, msg) -> None:
+        if not msg["is_observed"]:
+            return
+        if msg["infer"].get(_CONSTRAINT_KEY, False):
+            return
+        msg["scale"] = self.scale * msg["scale"]
+
+
+def temper(nbeta="wbic", n: int | None = None) -> TemperMessenger:
+    """Context that tempers the likelihood: observed sites are scaled by ``nβ/n``.
+
+    Parameters
+    ----------
+    nbeta : float or "wbic"
+        nβ; ``"wbic"`` means ``n/log n``.
+    n : int
+        Number of samples defining ``L_n`` (required: β = nβ/n).
+    """
+    if n is None:
+        raise ValueError(
+            "temper needs n, the number of samples in the likelihood: it scales the summed "
+            "log-likelihood by β = nβ/n"
+        )
+    n = int(n)
+    if n <= 0:
+        raise ValueError(f"temper: n must be a positive integer; got {n}")
+    return TemperMessenger(resolve_nbeta(nbeta, n) / n)
+
+
+def preserve(
+    name: str,
+    value: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    tolerance: float | None = None,
+    strength: float | None = None,
+    nbeta: float | None = None,
+    log_factor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add the soft constraint factor site ``"constraint/<name>"``.
+
+    Gaussian defect ``D = mean((value − target)²)`` over the ``k`` entries, with
+
+    * ``tolerance=σ``: log-factor ``−‖value − target‖²/(2σ²)`` (``ρ = k/(2σ²)``);
+    * ``strength=α`` and ``nbeta``: log-factor ``−nβ·α·D`` (relative mode, ``N_c = n``);
+    * or a ready ``log_factor`` (``−ρ D`` of any defect family).
+
+    The site is never scaled by :func:`temper`. Returns the log-factor.
+    """
+    if log_factor is None:
+        if value is None or target is None:
+            raise ValueError("preserve needs value= and target=, or a log_factor=")
+        if (tolerance is None) == (strength is None):
+            raise ValueError("preserve: give exactly one of tolerance= or strength=")
+        diff = value - target
+        if tolerance is not None:
+            if not tolerance > 0:
+                raise ValueError(f"preserve: tolerance must be positive; got {tolerance!r}")
+            log_factor = -(diff * diff).sum() / (2.0 * float(tolerance) ** 2)
+        else:
+            if nbeta is None:
+                raise ValueError("preserve(strength=α) needs nbeta= (ρ = nβ·α)")
+            if not strength > 0:
+                raise ValueError(f"preserve: strength must be positive; got {strength!r}")
+            log_factor = -float(nbeta) * float(strength) * (diff * diff).mean()
+    unit = dist.Unit(log_factor)
+    pyro.sample(
+        f"constraint/{name}",
+        unit,
+        obs=unit.sample(),
+        infer={"is_auxiliary": True, _CONSTRAINT_KEY: True},
+    )
+    return log_factor
+
+
+@contextlib.contextmanager
+def capture(f: LiftedFunction | nn.Module, sites: str | Sequence[str]) -> Iterator[dict]:
+    """Record the outputs of ``sites`` (module paths) during calls inside the context.
+
+    Works on a :class:`LiftedFunction` from :func:`lift` or on a plain module (for
+    example to compute targets at ``w*``). Yields a dict ``site → tensor`` filled by
+    the last call.
+    """
+    net = f.net if isinstance(f, LiftedFunction) else f
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"capture needs a lifted function or an nn.Module; got {type(f).__name__}")
+    sites = resolve_sites(net, sites)
+    store: dict[str, torch.Tensor] = {}
+    if isinstance(f, LiftedFunction):
+        entry = (sites, store)
+        f._capture.append(entry)
+        try:
+            yield store
+        finally:
+            f._capture.remove(entry)
+    else:
+        with capture_hooks(net, sites, store):
+            yield store
+
+
+def init_to_center(net=None, *, fallback: Callable | None = init_to_median):
+    """Pyro init strategy: lifted sites start at (a clone of) ``w*``.
+
+    Sites created by :func:`lift` carry their centre; other sites use ``fallback``.
+    Values are cloned, so optimisers can never write into ``w*``. The optional
+    ``net`` argument is accepted for readability (``init_to_center(net)``).
+    """
+
+    def init(site):
+        c = site["infer"].get(_CENTER_KEY)
+        if c is not None:
+            return c.detach().clone()
+        if fallback is None:
+            raise ValueError(f"init_to_center: site {site['name']!r} was not made by cp.lift")
+        return fallback(site)
+
+    return init

@@ -1,0 +1,561 @@
+"""``ReferenceClass``: the draws of a local posterior plus everything needed to reproduce them.
+
+Draws are stored as a flat array ``[chains, draws, d]`` with per-draw statistics
+(``L_n``, each constraint's defect, the virial term) and the metadata of the
+declaration (nβ, γ, tolerances, seeds, versions). Files are NumPy ``.npz``
+archives with a JSON header; loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ._errors import ConstraintWarning, SamplerWarning, warn
+from .slt import LLC, llc_from_losses
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .posterior import LocalPosterior
+
+__all__ = ["ReferenceClass", "Summary", "PreservationReport"]
+
+_FORMAT = "condpost.ReferenceClass/1"
+
+
+def _versions() -> dict[str, str]:
+    import pyro
+
+    from . import __version__
+
+    return {
+        "condpost": __version__,
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v):
+            return "nan" if np.isnan(v) else str(v)
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    line = "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
+    out = [line, "-" * len(line)]
+    for row in cells:
+        out.append("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+    return "\n".join(out)
+
+
+@dataclass
+class Summary:
+    """Sampler diagnostics with plain-words warnings. ``print(summary)`` shows a table."""
+
+    rows: list[dict]
+    divergences: int
+    divergences_per_chain: list[int]
+    virial_ratio: float
+    virial_stderr: float
+    chains: int
+    draws: int
+    method: str
+    warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        cols = ["quantity", "mean", "sd", "mcse", "ess_bulk", "ess_tail", "r_hat"]
+        head = (
+            f"{self.method.upper()}: {self.chains} chain(s) × {self.draws} draws, "
+            f"{self.divergences} divergent transition(s); virial ratio "
+            f"E[(w−w*)·∇U]/d = {self.virial_ratio:.4g} ± {self.virial_stderr:.2g} (expect 1)"
+        )
+        body = _table(self.rows, cols)
+        warns = "".join(f"\n  ! {w}" for w in self.warnings) or "\n  no warnings"
+        return f"{head}\n{body}\nwarnings:{warns}"
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "divergences": self.divergences,
+            "virial_ratio": self.virial_ratio,
+            "virial_stderr": self.virial_stderr,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass
+class PreservationReport:
+    """One row per constraint: binding ratio, FVU quantiles, coverage, discrete statistics."""
+
+    rows: list[dict]
+    warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        cols = ["constraint", "binding", "binding_se", "fvu_mean", "fvu_q05", "fvu_q50", "fvu_q95",
+                "coverage", "defect_mean"]
+        warns = "".join(f"\n  ! {w}" for w in self.warnings)
+        return _table(self.rows, cols) + warns
+
+    def __getitem__(self, name: str) -> dict:
+        for r in self.rows:
+            if r["constraint"] == name:
+                return r
+        raise KeyError(f"no constraint named {name!r}; have {[r['constraint'] for r in self.rows]}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows).set_index("constraint")
+
+
+class ReferenceClass:
+    """Draws from a (conditioned) tempered local posterior: the reference class of programs.
+
+    Build it with :meth:`LocalPosterior.sample` or :meth:`SVIResult.sample`; do not
+    call the constructor directly.
+    """
+
+    def __init__(
+        self,
+        draws: np.ndarray,
+        stats: dict[str, np.ndarray],
+        center: np.ndarray,
+        config: dict,
+        settings: dict,
+        versions: dict | None = None,
+        posterior: LocalPosterior | None = None,
+        created: str | None = None,
+    ) -> None:
+        self._draws = draws
+        self._stats = stats
+        self.center = center
+        self.config = config
+        self.settings = settings
+        self.versions = versions or _versions()
+        self.posterior = posterior
+        self.created = created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_draws(
+        cls,
+        post: LocalPosterior,
+        W: torch.Tensor,
+        *,
+        settings: dict,
+        sample_stats: dict | None = None,
+    ) -> ReferenceClass:
+        C, S, d = W.shape
+        flat = W.reshape(C * S, d)
+        bad = ~torch.isfinite(flat).all(-1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise FloatingPointError(
+                f"{int(bad.sum())} draw(s) contain non-finite weights, the first at chain {i // S}, "
+                f"draw {i % S}: the sampler diverged. Lower the step size or raise target_accept."
+            )
+        ev = post.evaluate(flat, grad=True)
+        stats = {k: v.reshape(C, S).cpu().numpy() for k, v in ev.items()}
+        for k, v in (sample_stats or {}).items():
+            stats[f"sampler/{k}"] = np.asarray(v)
+        if "sampler/diverging" not in stats:
+            stats["sampler/diverging"] = np.zeros((C, S), dtype=bool)
+        return cls(
+            draws=W.detach().cpu().numpy(),
+            stats=stats,
+            center=post.center.detach().cpu().numpy(),
+            config=post.config(),
+            settings=settings,
+            posterior=post,
+        )
+
+    # ------------------------------------------------------------------ basic access
+    @property
+    def chains(self) -> int:
+        return int(self._draws.shape[0])
+
+    @property
+    def num_draws(self) -> int:
+        return int(self._draws.shape[1])
+
+    @property
+    def d(self) -> int:
+        return int(self._draws.shape[2])
+
+    @property
+    def nbeta(self) -> float:
+        return float(self.config["nbeta"])
+
+    @property
+    def localization(self) -> float:
+        return float(self.config["localization"])
+
+    @property
+    def diverging(self) -> np.ndarray:
+        """Boolean ``[chain, draw]``: draws that ended a divergent trajectory (kept, flagged)."""
+        return self._stats["sampler/diverging"].astype(bool)
+
+    def flat(self) -> np.ndarray:
+        """All draws as ``[chain, draw, d]`` in the lifted-vector layout."""
+        return self._draws
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Lifted parameters by name, each ``[chain, draw, *shape]``."""
+        names = self.config["lifted"]["names"]
+        shapes = self.config["lifted"]["shapes"]
+        out, off = {}, 0
+        for nm, shp in zip(names, shapes, strict=True):
+            k = int(np.prod(shp)) if shp else 1
+            out[nm] = self._draws[:, :, off : off + k].reshape(self.chains, self.num_draws, *shp)
+            off += k
+        return out
+
+    def loss(self) -> np.ndarray:
+        """``L_n`` at every draw, ``[chain, draw]``."""
+        return self._stats["loss"]
+
+    def defects(self) -> dict[str, np.ndarray]:
+        """``D_c`` at every draw, ``[chain, draw]``, by constraint name."""
+        return {k[len("defect/") :]: v for k, v in self._stats.items() if k.startswith("defect/")}
+
+    def stat(self, key: str) -> np.ndarray:
+        return self._stats[key]
+
+    def __repr__(self) -> str:
+        return (
+            f"ReferenceClass({self.settings.get('method', '?')}, chains={self.chains}, "
+            f"draws={self.num_draws}, d={self.d}, nbeta={self.nbeta:.4g}, "
+            f"localization={self.localization:g}, constraints="
+            f"{[c['name'] for c in self.config['constraints']]})"
+        )
+
+    # ------------------------------------------------------------------ network outputs
+    def _need_posterior(self, what: str) -> LocalPosterior:
+        if self.posterior is None:
+            raise RuntimeError(
+                f"{what} needs the network: this ReferenceClass was loaded from disk. Use "
+                f"ReferenceClass.load(path, posterior=post) or ref.attach(post)."
+            )
+        return self.posterior
+
+    def attach(self, post: LocalPosterior) -> ReferenceClass:
+        """Attach the declaration (network, data) that produced these draws."""
+        if post.d != self.d or list(post.lifted.names) != list(self.config["lifted"]["names"]):
+            raise ValueError(
+                f"the posterior lifts {post.d} weights ({post.lifted.names[:4]}...) but these draws "
+                f"have d={self.d} ({self.config['lifted']['names'][:4]}...)"
+            )
+        self.posterior = post
+        return self
+
+    def _map_draws(self, fn, chunk: int = 128, max_draws: int | None = None):
+        post = self._need_posterior("this")
+        W = torch.as_tensor(self._draws.reshape(-1, self.d), dtype=post.dtype, device=post.device)
+        if max_draws is not None and W.shape[0] > max_draws:
+            idx = torch.linspace(0, W.shape[0] - 1, max_draws).round().long()
+            W = W[idx]
+        outs = []
+        from torch.func import vmap
+
+        with torch.no_grad():
+            for i in range(0, W.shape[0], chunk):
+                block = W[i : i + chunk]
+                try:
+                    outs.append(vmap(fn)(block))
+                except Exception:  # noqa: BLE001 - modules vmap cannot trace
+                    rows = [fn(w) for w in block]
+                    if isinstance(rows[0], dict):
+                        outs.append({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+                    else:
+                        outs.append(torch.stack(rows))
+        if isinstance(outs[0], dict):
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        return torch.cat(outs)
+
+    def activations(self, probes, sites, *, max_draws: int | None = None):
+        """Activations at ``sites`` on ``probes`` for every draw.
+
+        Returns a dict ``site → tensor [chain·draw, m, ...]`` (a tensor if ``sites`` is
+        a single string).
+        """
+        from .constraints import _prepare_probes
+        from .lifting import resolve_sites
+
+        post = self._need_posterior("activations()")
+        single = isinstance(sites, str)
+        sites = resolve_sites(post.lifted.net, sites, argname="sites")
+        p = _prepare_probes(post, probes, "probes")
+
+        def fn(w):
+            _, acts = post.lifted.call(post.lifted.unflatten(w), p, sites)
+            return {s: acts[s] for s in sites}
+
+        out = self._map_draws(fn, max_draws=max_draws)
+        return out[sites[0]] if single else out
+
+    def predict(self, x, *, max_draws: int | None = None) -> torch.Tensor:
+        """Network outputs on ``x`` for every draw, ``[chain·draw, m, ...]``."""
+        from .constraints import _prepare_probes
+
+        post = self._need_posterior("predict()")
+        p = _prepare_probes(post, x, "x")
+        return self._map_draws(lambda w: post.lifted.forward(w, p), max_draws=max_draws)
+
+    # ------------------------------------------------------------------ diagnostics
+    def summary(self, *, warn_user: bool = True) -> Summary:
+        """R-hat, bulk/tail ESS, divergences and the virial check (THEORY §5.2).
+
+        Rows: ``L_n``, each constraint's defect, and per lifted parameter tensor the
+        worst coordinate (max R-hat, min ESS). Problems are listed in plain words and,
+        with ``warn_user``, emitted as :class:`~condpost.SamplerWarning`.
+        """
+        from .diagnostics import ess_bulk, ess_tail, mcse_mean, split_rhat, virial_ratio
+
+        rows = []
+
+        def scalar_row(name, x):
+            return {
+                "quantity": name,
+                "mean": float(x.mean()),
+                "sd": float(x.std()),
+                "mcse": float(mcse_mean(x)),
+                "ess_bulk": float(ess_bulk(x)),
+                "ess_tail": float(ess_tail(x)),
+                "r_hat": float(split_rhat(x)),
+            }
+
+        rows.append(scalar_row("L_n", self.loss()))
+        for nm, v in self.defects().items():
+            rows.append(scalar_row(f"D[{nm}]", v))
+        for nm, arr in self.weights().items():
+            x = arr.reshape(self.chains, self.num_draws, -1)
+            rh, eb, et = split_rhat(x), ess_bulk(x), ess_tail(x)
+            rows.append(
+                {
+                    "quantity": f"{nm} (worst of {x.shape[-1]})",
+                    "mean": float(np.abs(x.mean((0, 1))).max()),
+                    "sd": float(x.std((0, 1)).max()),
+                    "mcse": float(np.nanmax(mcse_mean(x))),
+                    "ess_bulk": float(np.nanmin(eb)),
+                    "ess_tail": float(np.nanmin(et)),
+                    "r_hat": float(np.nanmax(rh)),
+                }
+            )
+        vir = virial_ratio(self._stats["virial"], self.d)
+        div = self.diverging
+        msgs = []
+        method = self.settings.get("method", "?")
+        if div.sum():
+            msgs.append(
+                f"{int(div.sum())} divergent transition(s) after warmup: the sampler hit regions "
+                f"it cannot integrate (tight tolerances or strong curvature). Raise target_accept, "
+                f"lengthen warmup, loosen tolerances or increase localization."
+            )
+        worst_rhat = max(r["r_hat"] for r in rows if np.isfinite(r["r_hat"])) if rows else 1.0
+        if self.chains > 1 and worst_rhat > 1.01:
+            msgs.append(
+                f"R-hat up to {worst_rhat:.3f} > 1.01: the chains disagree, so they have not "
+                f"mixed. Run longer warmup/draws, or check for multimodality (weak localization)."
+            )
+        low = [r for r in rows if np.isfinite(r["ess_bulk"]) and r["ess_bulk"] < 400]
+        if low:
+            msgs.append(
+                f"bulk ESS below 400 for {[r['quantity'] for r in low][:4]} (min "
+                f"{min(r['ess_bulk'] for r in low):.0f}): too few effective draws for reliable "
+                f"means; draw more."
+            )
+        if (
+            np.isfinite(vir.stderr)
+            and abs(vir.ratio - 1) > 4 * vir.stderr
+            and abs(vir.ratio - 1) > 0.05
+        ):
+            msgs.append(
+                f"virial ratio {vir.ratio:.3f} ± {vir.stderr:.2g} differs from 1: the draws do "
+                f"not follow the target e^(−U) (sampler bias: step size too large, minibatch noise, "
+                f"or not yet stationary)."
+            )
+        if method == "svi":
+            msgs.append(
+                "these are draws from a Gaussian variational fit, not MCMC: it under-disperses "
+                "on singular posteriors; do not report LLC or MI without an MCMC cross-check."
+            )
+        if warn_user:
+            for m in msgs:
+                warn(m, SamplerWarning)
+        return Summary(
+            rows=rows,
+            divergences=int(div.sum()),
+            divergences_per_chain=div.sum(1).astype(int).tolist(),
+            virial_ratio=float(vir.ratio),
+            virial_stderr=float(vir.stderr),
+            chains=self.chains,
+            draws=self.num_draws,
+            method=method,
+            warnings=msgs,
+        )
+
+    def llc(self, *, warn_user: bool = True) -> LLC:
+        """``λ̂ = nβ (E[L_n] − L_n(w*))`` with mean, std over chains and MC standard error.
+
+        Warns when λ̂ is negative (w* is not a local minimum; THEORY §4.2's gap
+        formula). With constraints it is the constrained loss part ``λ̂_{L|C}``.
+        """
+        return llc_from_losses(
+            self.loss(),
+            self.config["loss_center"],
+            self.nbeta,
+            self.localization,
+            self.config["n"],
+            self.d,
+            constrained=bool(self.config["constraints"]),
+            method=self.settings.get("method", "?"),
+            warn_negative=warn_user,
+        )
+
+    def preservation(self, *, warn_user: bool = True) -> PreservationReport:
+        """How well each constraint holds across the reference class (THEORY §3.2).
+
+        Columns: binding ratio ``b_c = 2E[ρ_c D_c]/k_c`` (Gaussian defects; with its MC
+        standard error), FVU mean and 5/50/95% quantiles, coverage ``P(D_c ≤ σ_c²)``
+        (RMS deviation within the tolerance), and the mean defect.
+        """
+        from .diagnostics import mcse_mean
+
+        rows, msgs = [], []
+        defects = self.defects()
+        for cfg in self.config["constraints"]:
+            nm = cfg["name"]
+            D = defects[nm]
+            k, rho = cfg["k"], cfg["rho"]
+            sigma2 = k / (2 * rho)
+            row: dict[str, Any] = {"constraint": nm, "kind": cfg["kind"], "k": k, "rho": rho}
+            row["defect_mean"] = float(D.mean())
+            if cfg["family"] == "gaussian":
+                b = 2 * rho * D / k
+                row["binding"] = float(b.mean())
+                try:
+                    row["binding_se"] = float(mcse_mean(b))
+                except ValueError:
+                    row["binding_se"] = float("nan")
+            spread = cfg.get("spread")
+            if spread and spread > 0:
+                fvu = k * D / spread
+                q = np.quantile(fvu, [0.05, 0.5, 0.95])
+                row.update(
+                    fvu_mean=float(fvu.mean()), fvu_q05=q[0], fvu_q50=q[1], fvu_q95=q[2]
+                )
+            row["coverage"] = float((D <= sigma2).mean())
+            if cfg.get("num_zero") is not None:
+                row["num_zero"] = cfg["num_zero"]
+            b = row.get("binding")
+            if b is not None and b < 0.05:
+                msgs.append(
+                    f"{nm}: binding ratio {b:.3f} < 0.05 — this constraint changes nothing at this "
+                    f"tolerance (the loss already pins the feature more tightly)."
+                )
+            elif b is not None and b > 0.95:
+                msgs.append(
+                    f"{nm}: binding ratio {b:.3f} > 0.95 — this constraint, not the loss, sets the "
+                    f"spread of the feature."
+                )
+            rows.append(row)
+        if warn_user:
+            for m in msgs:
+                warn(m, ConstraintWarning)
+        return PreservationReport(rows, msgs)
+
+    # ------------------------------------------------------------------ export
+    def to_arviz(self):
+        """An ``arviz.InferenceData`` with the weights, ``L_n``, defects and divergences."""
+        import arviz as az
+
+        posterior = dict(self.weights())
+        stats = {"diverging": self.diverging, "loss": self.loss()}
+        for nm, v in self.defects().items():
+            stats[f"defect[{nm}]"] = v
+        attrs = {
+            "nbeta": self.nbeta,
+            "localization": self.localization,
+            "condpost_metadata": json.dumps(self._metadata()),
+        }
+        return az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
+
+    def _metadata(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "config": self.config,
+            "settings": self.settings,
+            "versions": self.versions,
+            "created": self.created,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write draws, per-draw statistics and all metadata to ``path`` (npz, no pickle)."""
+        path = Path(path)
+        arrays = {"draws": self._draws, "center": self.center}
+        for k, v in self._stats.items():
+            arrays[f"stat:{k}"] = v
+        meta = json.dumps(self._metadata(), default=_json_default)
+        arrays["metadata"] = np.array(meta)
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, posterior: LocalPosterior | None = None) -> ReferenceClass:
+        """Read a file written by :meth:`save` (never unpickles)."""
+        path = Path(path)
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a condpost ReferenceClass file (expected an npz archive)")
+        with np.load(path, allow_pickle=False) as z:
+            if "metadata" not in z.files:
+                raise ValueError(f"{path} has no condpost metadata")
+            meta = json.loads(str(z["metadata"]))
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
+            draws = z["draws"]
+            center = z["center"]
+            stats = {k[len("stat:") :]: z[k] for k in z.files if k.startswith("stat:")}
+        ref = cls(
+            draws=draws,
+            stats=stats,
+            center=center,
+            config=meta["config"],
+            settings=meta["settings"],
+            versions=meta["versions"],
+            created=meta.get("created"),
+        )
+        if posterior is not None:
+            ref.attach(posterior)
+        return ref
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)

@@ -1,0 +1,15 @@
+import numpy as np
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    """Seed every test and clear Pyro's global state (as NumPyro/Pyro test suites do)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
