@@ -37,8 +37,25 @@ class ConstraintWarning(CondpostWarning):
     """A preserved-feature constraint is irrelevant or dominates."""
 
 
-def warn(message: str, category: type[Warning] = CondpostWarning, stacklevel: int = 3) -> None:
-    warnings.warn(message, category, stacklevel=stacklevel)
+def _user_stacklevel() -> int:
+    """Stack level of the first frame outside condpost (so warnings point at user code)."""
+    import inspect
+    import os
+
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    frame = inspect.currentframe()
+    level = 0
+    while frame is not None:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+            return max(level, 1)
+        frame = frame.f_back
+        level += 1
+    return 2
+
+
+def warn(message: str, category: type[Warning] = CondpostWarning) -> None:
+    """Emit a categorised warning attributed to the caller's code."""
+    warnings.warn(message, category, stacklevel=_user_stacklevel())
 
 
 def nearest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -15,6 +15,7 @@ primitives, and both give the same log density.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -361,7 +362,10 @@ class LocalPosterior:
 
         def hvp(v):
             try:
-                return jvp(fgrad(tl), (c,), (v,))[1].detach()
+                with warnings.catch_warnings():
+                    # forward-over-reverse may trigger torch's own jit deprecation notices
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return jvp(fgrad(tl), (c,), (v,))[1].detach()
             except Exception:  # noqa: BLE001
                 w = c.clone().requires_grad_(True)
                 (gg,) = torch.autograd.grad(tl(w), w, create_graph=True)

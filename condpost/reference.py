@@ -352,10 +352,10 @@ class ReferenceClass:
                     "quantity": f"{nm} (worst of {x.shape[-1]})",
                     "mean": float(np.abs(x.mean((0, 1))).max()),
                     "sd": float(x.std((0, 1)).max()),
-                    "mcse": float(np.nanmax(mcse_mean(x))),
-                    "ess_bulk": float(np.nanmin(eb)),
-                    "ess_tail": float(np.nanmin(et)),
-                    "r_hat": float(np.nanmax(rh)),
+                    "mcse": _safe(np.max, mcse_mean(x)),
+                    "ess_bulk": _safe(np.min, eb),
+                    "ess_tail": _safe(np.min, et),
+                    "r_hat": _safe(np.max, rh),
                 }
             )
         vir = virial_ratio(self._stats["virial"], self.d)
@@ -368,7 +368,13 @@ class ReferenceClass:
                 f"it cannot integrate (tight tolerances or strong curvature). Raise target_accept, "
                 f"lengthen warmup, loosen tolerances or increase localization."
             )
-        worst_rhat = max(r["r_hat"] for r in rows if np.isfinite(r["r_hat"])) if rows else 1.0
+        worst_rhat = max((r["r_hat"] for r in rows if not np.isnan(r["r_hat"])), default=1.0)
+        stuck = [c for c in range(self.chains) if np.all(self._draws[c] == self._draws[c, :1])]
+        if stuck:
+            msgs.append(
+                f"chain(s) {stuck} never moved: every proposal was rejected. The step size is far "
+                f"too large or the target is degenerate; let the step size adapt (longer warmup)."
+            )
         if self.chains > 1 and worst_rhat > 1.01:
             msgs.append(
                 f"R-hat up to {worst_rhat:.3f} > 1.01: the chains disagree, so they have not "
@@ -545,6 +551,13 @@ class ReferenceClass:
         if posterior is not None:
             ref.attach(posterior)
         return ref
+
+
+def _safe(fn, a) -> float:
+    """fn over the finite entries of a (inf kept for R-hat), NaN when there are none."""
+    a = np.asarray(a, dtype=float).reshape(-1)
+    a = a[~np.isnan(a)]
+    return float(fn(a)) if a.size else float("nan")
 
 
 def _json_default(o):

@@ -13,3 +13,8 @@ def _seed_and_reset():
     pyro.enable_validation(True)
     yield
     pyro.clear_param_store()
+
+
+# Small test problems run faster (and far more predictably on a shared 2-core machine)
+# on one intra-op thread.
+torch.set_num_threads(1)

@@ -45,6 +45,8 @@ def run_pyro_mcmc(
     step_size: float | None = None,
     num_steps: int | None = None,
     init_jitter: float = 0.0,
+    adapt_step_size: bool = True,
+    adapt_mass_matrix: bool = True,
 ):
     from ..reference import ReferenceClass
 
@@ -74,8 +76,8 @@ def run_pyro_mcmc(
             kw = dict(
                 potential_fn=potential_fn,
                 target_accept_prob=target_accept,
-                adapt_step_size=True,
-                adapt_mass_matrix=True,
+                adapt_step_size=bool(adapt_step_size),
+                adapt_mass_matrix=bool(adapt_mass_matrix),
                 full_mass=bool(dense_mass),
             )
             if step_size is not None:
