@@ -200,6 +200,7 @@ class Constraint:
         self._prepare(post, bound)
         if bound.k <= 0:
             raise ValueError(f"constraint {bound.name!r} has an empty feature")
+        _check_depends_on_lifted(post, bound)
         if bound.target is not None:
             t = bound.target.detach().to(torch.float64)
             t = t.reshape(t.shape[0], -1) if bound.probes is not None else t.reshape(-1, 1)
@@ -216,6 +217,30 @@ class Constraint:
             f"strength={self.strength}"
         )
         return f"{type(self).__name__}({self._default_name()!r}, {mode})"
+
+
+def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> None:
+    """Raise if the feature does not depend on any lifted weight (its gradient is zero)."""
+    w = post.center.clone().requires_grad_(True)
+    with torch.enable_grad():
+        plan = {} if bound.probes is None else {id(bound.probes): (bound.probes, bound.sites)}
+        view = ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w)
+        f = bound.feature(view)
+        if not f.requires_grad:
+            g = torch.zeros_like(w)
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            r = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
+            (g,) = torch.autograd.grad((f * r).sum(), w, allow_unused=True)
+            g = torch.zeros_like(w) if g is None else g
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"constraint {bound.name!r}: the feature's gradient at w* is not finite")
+    if bool((g == 0).all()):
+        raise ValueError(
+            f"constraint {bound.name!r} does not depend on any lifted parameter (its gradient "
+            f"at w* is zero), so it cannot change the posterior. Lift parameters that feed it "
+            f"(include=...); lifted now: {post.lifted.names[:6]}"
+        )
 
 
 def _is_pos_finite(v) -> bool:

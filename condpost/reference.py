@@ -501,7 +501,9 @@ class ReferenceClass:
             "localization": self.localization,
             "condpost_metadata": json.dumps(self._metadata()),
         }
-        return az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
+        idata = az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
+        idata.posterior.attrs.update(attrs)
+        return idata
 
     def _metadata(self) -> dict:
         return {

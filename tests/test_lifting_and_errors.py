@@ -231,6 +231,10 @@ def test_tolerance_strength_errors():
     with pytest.raises(ValueError, match="Raise the threshold"):
         post.preserve(cp.WeightZeroPattern("head.weight", 1e-9, tolerance=0.1))
     post.preserve(cp.Activations("head", x[:2], tolerance=0.1))
+    head_only = cp.LocalPosterior(_net(), (x, y), cp.Categorical(), localization=1.0,
+                                  include="head.*", check_center=False)
+    with pytest.raises(ValueError, match="does not depend on any lifted parameter"):
+        head_only.preserve(cp.Activations("blocks.1", x[:2], tolerance=0.1))
     with pytest.raises(ValueError, match="already declared"):
         post.preserve(cp.Activations("head", x[:2], tolerance=0.2))
 
