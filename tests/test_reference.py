@@ -123,10 +123,10 @@ def test_seed_reproducibility_and_rng_isolation():
     post = cp.LocalPosterior(net, (x, y), cp.Gaussian(scale=1.0), localization=1.0, check_center=False)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = post.sample("nuts", chains=2, warmup=30, draws=20, seed=5, progress=False)
+    a = post.sample("nuts", chains=2, warmup=50, draws=20, seed=5, progress=False)
     assert torch.equal(torch.get_rng_state(), state)  # the user's RNG is untouched
-    b = post.sample("nuts", chains=2, warmup=30, draws=20, seed=5, progress=False)
-    c = post.sample("nuts", chains=2, warmup=30, draws=20, seed=6, progress=False)
+    b = post.sample("nuts", chains=2, warmup=50, draws=20, seed=5, progress=False)
+    c = post.sample("nuts", chains=2, warmup=50, draws=20, seed=6, progress=False)
     assert np.array_equal(a.flat(), b.flat())
     assert not np.array_equal(a.flat(), c.flat())
     assert not np.array_equal(a.flat()[0], a.flat()[1])  # chains use different streams
