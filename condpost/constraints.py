@@ -213,8 +213,10 @@ class Constraint:
         return bound
 
     def __repr__(self) -> str:
-        mode = f"tolerance={self.tolerance}" if self.tolerance is not None else (
-            f"strength={self.strength}"
+        mode = (
+            f"tolerance={self.tolerance}"
+            if self.tolerance is not None
+            else (f"strength={self.strength}")
         )
         return f"{type(self).__name__}({self._default_name()!r}, {mode})"
 
@@ -351,7 +353,9 @@ class WeightZeroPattern(Constraint):
         if not _is_pos_finite(threshold):
             raise ValueError(f"WeightZeroPattern: threshold must be positive; got {threshold!r}")
         if target not in ("center", "zero"):
-            raise ValueError(f"WeightZeroPattern: target must be 'center' or 'zero'; got {target!r}")
+            raise ValueError(
+                f"WeightZeroPattern: target must be 'center' or 'zero'; got {target!r}"
+            )
         self.params = params
         self.threshold = float(threshold)
         self.target_mode = target

@@ -9,7 +9,6 @@ constraint holds. Runs in about a minute on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -38,7 +37,10 @@ def train(x: torch.Tensor, y: torch.Tensor, hidden: int = 6, seed: int = 0) -> t
         loss.backward()
         opt.step()
     lbfgs = torch.optim.LBFGS(
-        net.parameters(), max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-12,
+        net.parameters(),
+        max_iter=1000,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
         line_search_fn="strong_wolfe",
     )
 
@@ -66,18 +68,27 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         rmse = ((net(x) - y) ** 2).mean().sqrt()
     d = sum(p.numel() for p in net.parameters())
-    print(f"trained a 2-6-1 tanh MLP ({d} weights) on {len(x)} points: RMSE {rmse:.3f} "
-          f"(noise 0.1), {time.perf_counter() - t0:.1f}s")
+    print(
+        f"trained a 2-6-1 tanh MLP ({d} weights) on {len(x)} points: RMSE {rmse:.3f} "
+        f"(noise 0.1), {time.perf_counter() - t0:.1f}s"
+    )
 
     post = cp.LocalPosterior(
-        net, data=(x, y), likelihood=cp.Gaussian(scale=0.1), localization=10.0,
+        net,
+        data=(x, y),
+        likelihood=cp.Gaussian(scale=0.1),
+        localization=10.0,
         dtype=torch.float64,
     )
     probes = make_data(16, seed=1)[0]
     post.preserve(cp.Activations("1", probes, tolerance=0.05))  # hidden tanh layer
     print(post)
     ref = post.sample(
-        "nuts", chains=args.chains, warmup=args.warmup, draws=args.draws, seed=0,
+        "nuts",
+        chains=args.chains,
+        warmup=args.warmup,
+        draws=args.draws,
+        seed=0,
         progress=not args.quiet,
     )
     print()

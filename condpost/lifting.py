@@ -172,7 +172,9 @@ class LiftedNetwork:
         else:
             flat = torch.as_tensor(center).detach().to(dtype).reshape(-1)
             if flat.numel() != self.d:
-                raise ValueError(f"center has {flat.numel()} entries; the lifted vector has {self.d}")
+                raise ValueError(
+                    f"center has {flat.numel()} entries; the lifted vector has {self.d}"
+                )
         self.center: torch.Tensor = flat.clone().to(self.device)
         self.center.requires_grad_(False)
         check_finite(self.center, "center (w*)")

@@ -493,7 +493,9 @@ class LocalPosterior:
             raise ValueError(f"fit method={method!r} is not available; choose 'svi'")
         from .infer.svi import run_svi
 
-        return run_svi(self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs)
+        return run_svi(
+            self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs
+        )
 
     # ------------------------------------------------------------------ metadata
     def config(self) -> dict:

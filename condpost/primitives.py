@@ -55,7 +55,9 @@ def resolve_nbeta(nbeta, n: int | None, argname: str = "nbeta") -> float:
     """``"wbic"`` → ``n/log n``; a positive finite number → itself; anything else → error."""
     if isinstance(nbeta, str):
         if nbeta != "wbic":
-            raise ValueError(f"{argname} must be 'wbic' (n/log n) or a positive number; got {nbeta!r}")
+            raise ValueError(
+                f"{argname} must be 'wbic' (n/log n) or a positive number; got {nbeta!r}"
+            )
         if n is None:
             raise ValueError(f"{argname}='wbic' needs the sample size n")
         if n < 2:
@@ -77,7 +79,9 @@ def check_localization(localization) -> float:
     try:
         g = float(localization)
     except (TypeError, ValueError):
-        raise TypeError(f"localization (γ) must be a positive number; got {localization!r}") from None
+        raise TypeError(
+            f"localization (γ) must be a positive number; got {localization!r}"
+        ) from None
     if not (g > 0 and math.isfinite(g)):
         raise ValueError(
             f"localization (γ, the precision of the local prior N(w*, γ⁻¹I)) must be positive and "

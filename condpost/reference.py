@@ -54,7 +54,10 @@ def _fmt(v: Any, nd: int = 4) -> str:
 
 def _table(rows: list[dict], cols: list[str]) -> str:
     cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(cols)
+    ]
     line = "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
     out = [line, "-" * len(line)]
     for row in cells:
@@ -105,8 +108,17 @@ class PreservationReport:
     warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        cols = ["constraint", "binding", "binding_se", "fvu_mean", "fvu_q05", "fvu_q50", "fvu_q95",
-                "coverage", "defect_mean"]
+        cols = [
+            "constraint",
+            "binding",
+            "binding_se",
+            "fvu_mean",
+            "fvu_q05",
+            "fvu_q50",
+            "fvu_q95",
+            "coverage",
+            "defect_mean",
+        ]
         warns = "".join(f"\n  ! {w}" for w in self.warnings)
         return _table(self.rows, cols) + warns
 
@@ -464,9 +476,7 @@ class ReferenceClass:
             if spread and spread > 0:
                 fvu = k * D / spread
                 q = np.quantile(fvu, [0.05, 0.5, 0.95])
-                row.update(
-                    fvu_mean=float(fvu.mean()), fvu_q05=q[0], fvu_q50=q[1], fvu_q95=q[2]
-                )
+                row.update(fvu_mean=float(fvu.mean()), fvu_q05=q[0], fvu_q50=q[1], fvu_q95=q[2])
             row["coverage"] = float((D <= sigma2).mean())
             if cfg.get("num_zero") is not None:
                 row["num_zero"] = cfg["num_zero"]
@@ -531,7 +541,9 @@ class ReferenceClass:
         """Read a file written by :meth:`save` (never unpickles)."""
         path = Path(path)
         if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is not a condpost ReferenceClass file (expected an npz archive)")
+            raise ValueError(
+                f"{path} is not a condpost ReferenceClass file (expected an npz archive)"
+            )
         with np.load(path, allow_pickle=False) as z:
             if "metadata" not in z.files:
                 raise ValueError(f"{path} has no condpost metadata")

@@ -21,8 +21,12 @@ def main(quick: bool = False) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     x = torch.rand(150, 2, dtype=torch.float64) * 4 - 2
-    y = torch.sin(1.5 * x[:, :1]) * torch.cos(x[:, 1:]) + 0.1 * torch.randn(150, 1, dtype=torch.float64)
-    net = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).double()
+    y = torch.sin(1.5 * x[:, :1]) * torch.cos(x[:, 1:]) + 0.1 * torch.randn(
+        150, 1, dtype=torch.float64
+    )
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)
+    ).double()
     opt = torch.optim.LBFGS(net.parameters(), max_iter=2000, line_search_fn="strong_wolfe")
 
     def closure():
@@ -56,7 +60,9 @@ def main(quick: bool = False) -> None:
     steps = 100 if quick else 500
     mcmc = pyro.infer.MCMC(
         pyro.infer.NUTS(model, init_strategy=cp.init_to_center()),
-        num_samples=steps, warmup_steps=steps, disable_progbar=quick,
+        num_samples=steps,
+        warmup_steps=steps,
+        disable_progbar=quick,
     )
     mcmc.run()
     w0 = mcmc.get_samples()["net.0.weight"]

@@ -89,7 +89,9 @@ class LinearGaussianProblem:
         W = w.reshape(self.k, self.din)
         X, Y = self.X.numpy(), self.Y.numpy()
         r = Y - X @ W.T
-        nll = 0.5 * (r**2).sum(1) / self.s**2 + self.k * (math.log(self.s) + 0.5 * math.log(2 * math.pi))
+        nll = 0.5 * (r**2).sum(1) / self.s**2 + self.k * (
+            math.log(self.s) + 0.5 * math.log(2 * math.pi)
+        )
         return self.nbeta * nll.mean()
 
 

@@ -9,9 +9,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_runs_quick():
     r = subprocess.run(
-        [sys.executable, "-m", "condpost.demo", "--quiet", "--chains", "1", "--warmup", "100",
-         "--draws", "60"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "condpost.demo",
+            "--quiet",
+            "--chains",
+            "1",
+            "--warmup",
+            "100",
+            "--draws",
+            "60",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "λ̂" in r.stdout and "binding" in r.stdout and "R-hat" not in r.stderr
@@ -20,7 +33,10 @@ def test_demo_runs_quick():
 def test_pyro_primitives_example_parity():
     r = subprocess.run(
         [sys.executable, "examples/pyro_primitives.py", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("max |log joint"))

@@ -13,7 +13,9 @@ from condpost.lifting import LiftedNetwork
 class Block(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4)
+        )
 
     def forward(self, x):
         return x + self.mlp(x)
@@ -38,7 +40,9 @@ def _net():
 
 def _data(n=40):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
 
 
 def _snapshot(net):
@@ -46,14 +50,19 @@ def _snapshot(net):
 
 
 def _identical(net, snap):
-    return all(torch.equal(v, snap[k]) and v.dtype == snap[k].dtype for k, v in net.state_dict().items())
+    return all(
+        torch.equal(v, snap[k]) and v.dtype == snap[k].dtype for k, v in net.state_dict().items()
+    )
 
 
 def test_include_exclude_globs_and_flat_roundtrip():
     net = _net()
     L = LiftedNetwork(net, include=["blocks.1.*", "head.weight"], exclude="blocks.1.mlp.2.bias")
     assert L.names == [
-        "blocks.1.mlp.0.weight", "blocks.1.mlp.0.bias", "blocks.1.mlp.2.weight", "head.weight",
+        "blocks.1.mlp.0.weight",
+        "blocks.1.mlp.0.bias",
+        "blocks.1.mlp.2.weight",
+        "head.weight",
     ]
     assert L.d == 24 + 6 + 24 + 12
     w = torch.randn(L.d, dtype=torch.float64)
@@ -62,7 +71,10 @@ def test_include_exclude_globs_and_flat_roundtrip():
     assert torch.equal(L.flatten(named), w)
     # module-path patterns select everything below
     assert LiftedNetwork(net, include="blocks.0.mlp").names == [
-        "blocks.0.mlp.0.weight", "blocks.0.mlp.0.bias", "blocks.0.mlp.2.weight", "blocks.0.mlp.2.bias",
+        "blocks.0.mlp.0.weight",
+        "blocks.0.mlp.0.bias",
+        "blocks.0.mlp.2.weight",
+        "blocks.0.mlp.2.bias",
     ]
     # functional forward at w* equals the module's forward
     x, _ = _data()
@@ -90,8 +102,9 @@ def test_module_never_mutated_by_any_call():
     net = _net()
     x, y = _data()
     snap = _snapshot(net)
-    post = cp.LocalPosterior(net, (x, y), cp.Categorical(), localization=2.0, include="head.*",
-                             check_center=False)
+    post = cp.LocalPosterior(
+        net, (x, y), cp.Categorical(), localization=2.0, include="head.*", check_center=False
+    )
     post.preserve(cp.Activations("blocks.1", x[:4], tolerance=0.1))
     ref = post.sample("nuts", chains=1, warmup=60, draws=30, seed=0, progress=False)
     ref.activations(x[:3], ["blocks.0.mlp"])
@@ -107,14 +120,22 @@ def test_likelihood_values_against_closed_forms():
     y = torch.tensor([[0.0, -1.0], [1.5, 1.0]], dtype=torch.float64)
     s = 0.7
     g = cp.Gaussian(scale=s).nll(out, y)
-    manual = [sum((yy - oo) ** 2 / (2 * s * s) + math.log(s) + 0.5 * math.log(2 * math.pi)
-                  for yy, oo in zip(yr.tolist(), orow.tolist(), strict=True))
-              for yr, orow in zip(y, out, strict=True)]
+    manual = [
+        sum(
+            (yy - oo) ** 2 / (2 * s * s) + math.log(s) + 0.5 * math.log(2 * math.pi)
+            for yy, oo in zip(yr.tolist(), orow.tolist(), strict=True)
+        )
+        for yr, orow in zip(y, out, strict=True)
+    ]
     assert np.allclose(g.numpy(), manual, rtol=1e-12)
     logits = torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64)
     c = cp.Categorical().nll(logits, torch.tensor([1]))
-    assert math.isclose(float(c), -(2.0 - math.log(math.e + math.e**2 + math.e**0.5)), rel_tol=1e-12)
-    b = cp.Bernoulli().nll(torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64))
+    assert math.isclose(
+        float(c), -(2.0 - math.log(math.e + math.e**2 + math.e**0.5)), rel_tol=1e-12
+    )
+    b = cp.Bernoulli().nll(
+        torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64)
+    )
     assert math.isclose(float(b), math.log(1 + math.exp(-0.3)), rel_tol=1e-12)
 
 
@@ -159,7 +180,9 @@ def test_probe_shape_and_dtype_errors():
 def test_labels_out_of_range():
     x, _ = _data()
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*\[3, 7\]"):
-        cp.LocalPosterior(_net(), (x, torch.tensor([0, 3, 7] * 13 + [1])), cp.Categorical(), localization=1.0)
+        cp.LocalPosterior(
+            _net(), (x, torch.tensor([0, 3, 7] * 13 + [1])), cp.Categorical(), localization=1.0
+        )
 
 
 def test_non_finite_data_and_weights():
@@ -179,14 +202,17 @@ def test_non_finite_data_and_weights():
         cp.LocalPosterior(_net(), (x, yg), cp.Gaussian(scale=1.0), localization=1.0)
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"localization": 0.0}, "localization"),
-    ({"localization": -1.0}, "localization"),
-    ({"localization": 1.0, "nbeta": 0.0}, "nbeta"),
-    ({"localization": 1.0, "nbeta": -3.0}, "nbeta"),
-    ({"localization": 1.0, "nbeta": "bic"}, "nbeta"),
-    ({"localization": float("nan")}, "localization"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"localization": 0.0}, "localization"),
+        ({"localization": -1.0}, "localization"),
+        ({"localization": 1.0, "nbeta": 0.0}, "nbeta"),
+        ({"localization": 1.0, "nbeta": -3.0}, "nbeta"),
+        ({"localization": 1.0, "nbeta": "bic"}, "nbeta"),
+        ({"localization": float("nan")}, "localization"),
+    ],
+)
 def test_gamma_and_nbeta_must_be_positive(kw, match):
     x, y = _data()
     with pytest.raises(ValueError, match=match):
@@ -202,11 +228,19 @@ def test_localization_is_required():
 def test_likelihood_wrong_shape():
     x, y = _data()
     with pytest.raises(ValueError, match=r"per-sample negative log-likelihoods of shape \[n\]"):
-        cp.LocalPosterior(_net(), (x, y), lambda out, yy: torch.nn.functional.cross_entropy(out, yy),
-                          localization=1.0)
+        cp.LocalPosterior(
+            _net(),
+            (x, y),
+            lambda out, yy: torch.nn.functional.cross_entropy(out, yy),
+            localization=1.0,
+        )
     with pytest.raises(ValueError, match="Gaussian: targets have shape"):
-        cp.LocalPosterior(_net(), (x, torch.randn(40, dtype=torch.float64)), cp.Gaussian(scale=1.0),
-                          localization=1.0)
+        cp.LocalPosterior(
+            _net(),
+            (x, torch.randn(40, dtype=torch.float64)),
+            cp.Gaussian(scale=1.0),
+            localization=1.0,
+        )
     with pytest.raises(ValueError, match="scale"):
         cp.Gaussian(scale=0.0)
 
@@ -226,13 +260,15 @@ def test_tolerance_strength_errors():
     x, y = _data()
     post = cp.LocalPosterior(_net(), (x, y), cp.Categorical(), localization=1.0, check_center=False)
     with pytest.raises(ValueError, match="not lifted"):
-        cp.LocalPosterior(_net(), (x, y), cp.Categorical(), localization=1.0, include="head.*",
-                          check_center=False).preserve(cp.WeightZeroPattern("blocks.0.*", 0.1, tolerance=0.1))
+        cp.LocalPosterior(
+            _net(), (x, y), cp.Categorical(), localization=1.0, include="head.*", check_center=False
+        ).preserve(cp.WeightZeroPattern("blocks.0.*", 0.1, tolerance=0.1))
     with pytest.raises(ValueError, match="Raise the threshold"):
         post.preserve(cp.WeightZeroPattern("head.weight", 1e-9, tolerance=0.1))
     post.preserve(cp.Activations("head", x[:2], tolerance=0.1))
-    head_only = cp.LocalPosterior(_net(), (x, y), cp.Categorical(), localization=1.0,
-                                  include="head.*", check_center=False)
+    head_only = cp.LocalPosterior(
+        _net(), (x, y), cp.Categorical(), localization=1.0, include="head.*", check_center=False
+    )
     with pytest.raises(ValueError, match="does not depend on any lifted parameter"):
         head_only.preserve(cp.Activations("blocks.1", x[:2], tolerance=0.1))
     with pytest.raises(ValueError, match="already declared"):
@@ -242,19 +278,31 @@ def test_tolerance_strength_errors():
 def test_center_far_from_minimum_warns():
     x, y = _data(200)
     net = _net()
-    with pytest.warns(cp.CenterWarning, match=r"not at a (local )?minimum.*\|∇\(nβ L_n\)\(w\*\)\| ="):
+    with pytest.warns(
+        cp.CenterWarning, match=r"not at a (local )?minimum.*\|∇\(nβ L_n\)\(w\*\)\| ="
+    ):
         cp.LocalPosterior(net, (x, y), cp.Categorical(), localization=1.0)
 
 
 def test_divergences_warned_and_kept():
     # a very tight tolerance on a constrained direction with a huge forced step size
     x, y = _data()
-    post = cp.LocalPosterior(_net(), (x, y), cp.Categorical(), localization=1.0, include="head.*",
-                             check_center=False)
+    post = cp.LocalPosterior(
+        _net(), (x, y), cp.Categorical(), localization=1.0, include="head.*", check_center=False
+    )
     with pytest.warns(cp.SamplerWarning, match="divergent transition"):
-        ref = post.sample("hmc", chains=1, warmup=100, draws=40, seed=0, progress=False,
-                          step_size=5.0, num_steps=8, adapt_step_size=False,
-                          adapt_mass_matrix=False)
+        ref = post.sample(
+            "hmc",
+            chains=1,
+            warmup=100,
+            draws=40,
+            seed=0,
+            progress=False,
+            step_size=5.0,
+            num_steps=8,
+            adapt_step_size=False,
+            adapt_mass_matrix=False,
+        )
     assert ref.diverging.sum() > 0
     assert ref.flat().shape == (1, 40, post.d)  # no draw lost
     s = ref.summary(warn_user=False)

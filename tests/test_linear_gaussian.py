@@ -11,9 +11,9 @@ import arviz as az
 import numpy as np
 import pytest
 import torch
+from analytic import linear_net, make_problem
 
 import condpost as cp
-from analytic import linear_net, make_problem
 
 
 def _ess(x):
@@ -38,8 +38,8 @@ def _declare(prob, constrained):
         sig_a = 0.1
         post.preserve(cp.Activations("", probes, tolerance=sig_a))
         C = np.kron(np.eye(prob.k), probes.numpy())  # rows (I_k ⊗ x_pᵀ), output-major
-        # the activation tensor is [m, k] (probe-major); reorder rows to match
-        C = np.concatenate([C[[j * 2 + p for j in range(prob.k)]] for p in range(2)]) if False else C
+        # the activation tensor is [m, k] (probe-major) and C is output-major; the factor
+        # ‖C(w − w*)‖² does not depend on the row order
         prob.constraints.append((C, C @ prob.w_star, sig_a))
         absw = np.abs(prob.w_star)
         order = np.argsort(absw)

@@ -10,10 +10,9 @@ import math
 import arviz as az
 import numpy as np
 import pytest
-import torch
+from analytic import linear_net, whitened_problem
 
 import condpost as cp
-from analytic import linear_net, whitened_problem
 
 TABLE = {0.1: 2.9979, 1.0: 2.9794, 10.0: 2.8062, 100.0: 1.7743}  # THEORY §4.2
 
@@ -36,7 +35,9 @@ def test_llc_matches_exact_finite_gamma(gamma):
         net, (prob.X, prob.Y), cp.Gaussian(scale=prob.s), localization=gamma
     )  # nbeta defaults to n/log n
     assert post.nbeta == pytest.approx(1000 / math.log(1000))
-    ref = post.sample("nuts", chains=4, warmup=300, draws=1000, seed=gamma_seed(gamma), progress=False)
+    ref = post.sample(
+        "nuts", chains=4, warmup=300, draws=1000, seed=gamma_seed(gamma), progress=False
+    )
     lam = ref.llc(warn_user=False)
     exact = TABLE[gamma]
     assert prob.expected_nbeta_dL() == pytest.approx(exact, abs=1e-4)
@@ -58,7 +59,7 @@ def test_gap_formula_for_non_minimal_center(shift):
     w_hat = prob.w_star.copy()
     g = np.random.default_rng(0).standard_normal(prob.d)
     prob.w_star = w_hat + shift * g / np.linalg.norm(g)
-    gap = (prob.nbeta_L(prob.w_star) - prob.nbeta_L(w_hat))  # = nβ·gap
+    gap = prob.nbeta_L(prob.w_star) - prob.nbeta_L(w_hat)  # = nβ·gap
     target = prob.d / 2 - gap
     # the exact finite-γ value differs from the γ→0 formula by < 0.01 here
     assert abs(prob.expected_nbeta_dL() - target) < 0.01

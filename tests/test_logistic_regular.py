@@ -63,8 +63,15 @@ def test_logistic_llc_close_to_laplace_value(path):
         d = 2 * din
     post = cp.LocalPosterior(net, data, lik, **post_kw)
     assert post.d == d
-    ref = post.sample("nuts", chains=2, warmup=300, draws=800, seed=0, progress=False,
-                      dense_mass=(path == "categorical"))
+    ref = post.sample(
+        "nuts",
+        chains=2,
+        warmup=300,
+        draws=800,
+        seed=0,
+        progress=False,
+        dense_mass=(path == "categorical"),
+    )
     per = post.nbeta * (ref.loss() - post.loss_center)
     se = per.std() / math.sqrt(float(az.ess(per, method="mean")))
     lam = ref.llc(warn_user=False).mean

@@ -28,7 +28,12 @@ def _data(n=60, seed=1):
 
 def _declared(net, x, y, include=None):
     post = cp.LocalPosterior(
-        net, (x, y), cp.Categorical(), nbeta=25.0, localization=3.0, include=include,
+        net,
+        (x, y),
+        cp.Categorical(),
+        nbeta=25.0,
+        localization=3.0,
+        include=include,
         check_center=False,
     )
     probes = x[:5]
@@ -40,7 +45,9 @@ def _declared(net, x, y, include=None):
 
 def _random_ws(post, k=20, scale=0.3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [post.center + scale * torch.randn(post.d, generator=g, dtype=post.dtype) for _ in range(k)]
+    return [
+        post.center + scale * torch.randn(post.d, generator=g, dtype=post.dtype) for _ in range(k)
+    ]
 
 
 def _log_joint(model, sites):
@@ -73,7 +80,9 @@ def _independent_log_density(net, x, y, w_named, center_named, nbeta, gamma, pro
         lp = lp - 0.5 * gamma * ((v - center_named[k]) ** 2).sum()
         d += v.numel()
     lp = lp + 0.5 * d * math.log(gamma / (2 * math.pi))
-    h = functional_call(net[:2], {k[0:]: v for k, v in params.items() if k.startswith("0.")}, (probes,))
+    h = functional_call(
+        net[:2], {k[0:]: v for k, v in params.items() if k.startswith("0.")}, (probes,)
+    )
     h_star = net[:2](probes)
     lp = lp - ((h - h_star) ** 2).sum() / (2 * consts["sig1"] ** 2)
     out = functional_call(net, params, (probes,))
@@ -141,8 +150,12 @@ def test_temper_scales_only_the_likelihood():
                 pyro.sample("y", dist.Normal(z, 1.0), obs=torch.zeros(4))
             cp.preserve("c", z.reshape(1), torch.zeros(1), tolerance=0.5)  # constraint: not scaled
 
-    tr_t = poutine.trace(poutine.condition(lambda: model(True), {"z": torch.tensor(0.3)})).get_trace()
-    tr_0 = poutine.trace(poutine.condition(lambda: model(False), {"z": torch.tensor(0.3)})).get_trace()
+    tr_t = poutine.trace(
+        poutine.condition(lambda: model(True), {"z": torch.tensor(0.3)})
+    ).get_trace()
+    tr_0 = poutine.trace(
+        poutine.condition(lambda: model(False), {"z": torch.tensor(0.3)})
+    ).get_trace()
     tr_t.compute_log_prob()
     tr_0.compute_log_prob()
     assert torch.allclose(tr_t.nodes["z"]["log_prob_sum"], tr_0.nodes["z"]["log_prob_sum"])
@@ -206,7 +219,9 @@ def test_init_to_center_clones_and_nuts_starts_at_center():
     assert torch.equal(kernel.initial_params["net.2.bias"], net[2].bias.detach())
     mcmc = pyro.infer.MCMC(
         pyro.infer.NUTS(model, init_strategy=cp.init_to_center()),
-        num_samples=20, warmup_steps=20, disable_progbar=True,
+        num_samples=20,
+        warmup_steps=20,
+        disable_progbar=True,
     )
     mcmc.run()
     assert mcmc.get_samples()["net.2.bias"].shape == (20, 4)
@@ -243,19 +258,27 @@ def test_model_form_nuts_agrees_with_potential_nuts():
     net = torch.nn.Linear(2, 1).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(80, 2, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([[1.0], [-0.5]], dtype=torch.float64) + 0.3 * torch.randn(80, 1, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-0.5]], dtype=torch.float64) + 0.3 * torch.randn(
+        80, 1, generator=g, dtype=torch.float64
+    )
     with torch.no_grad():
-        sol = torch.linalg.lstsq(torch.cat([x, torch.ones(80, 1, dtype=torch.float64)], 1), y).solution
+        sol = torch.linalg.lstsq(
+            torch.cat([x, torch.ones(80, 1, dtype=torch.float64)], 1), y
+        ).solution
         net.weight.copy_(sol[:2].T)
         net.bias.copy_(sol[2])
     post = cp.LocalPosterior(net, (x, y), cp.Gaussian(scale=0.3), localization=1.0)
     mcmc = pyro.infer.MCMC(
         pyro.infer.NUTS(post.model, init_strategy=cp.init_to_center()),
-        num_samples=1500, warmup_steps=300, disable_progbar=True,
+        num_samples=1500,
+        warmup_steps=300,
+        disable_progbar=True,
     )
     mcmc.run()
     s = mcmc.get_samples()
-    w_model = torch.cat([s["net.weight"].reshape(1500, -1), s["net.bias"].reshape(1500, -1)], 1).numpy()
+    w_model = torch.cat(
+        [s["net.weight"].reshape(1500, -1), s["net.bias"].reshape(1500, -1)], 1
+    ).numpy()
     ref = post.sample("nuts", chains=1, warmup=300, draws=1500, seed=0, progress=False)
     w_pot = ref.flat()[0]
     se = np.sqrt(w_model.var(0) / 700 + w_pot.var(0) / 700)  # conservative ESS ≥ 700 each

@@ -13,11 +13,15 @@ import condpost as cp
 @pytest.fixture(scope="module")
 def fitted():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)
+    ).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(80, 2, generator=g, dtype=torch.float64)
     y = torch.sin(x[:, :1]) + 0.1 * torch.randn(80, 1, generator=g, dtype=torch.float64)
-    opt = torch.optim.LBFGS(net.parameters(), max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+    opt = torch.optim.LBFGS(
+        net.parameters(), max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14
+    )
 
     def closure():
         opt.zero_grad()
@@ -120,7 +124,9 @@ def test_seed_reproducibility_and_rng_isolation():
     net = torch.nn.Linear(2, 1).double()
     x = torch.randn(30, 2, dtype=torch.float64)
     y = torch.randn(30, 1, dtype=torch.float64)
-    post = cp.LocalPosterior(net, (x, y), cp.Gaussian(scale=1.0), localization=1.0, check_center=False)
+    post = cp.LocalPosterior(
+        net, (x, y), cp.Gaussian(scale=1.0), localization=1.0, check_center=False
+    )
     torch.manual_seed(123)
     state = torch.get_rng_state()
     a = post.sample("nuts", chains=2, warmup=50, draws=20, seed=5, progress=False)

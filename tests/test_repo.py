@@ -31,8 +31,18 @@ def test_submodules_define_all(name):
 def test_public_contract_names():
     import condpost as cp
 
-    for n in ["LocalPosterior", "Gaussian", "Categorical", "Activations", "WeightZeroPattern",
-              "lift", "temper", "preserve", "capture", "ReferenceClass"]:
+    for n in [
+        "LocalPosterior",
+        "Gaussian",
+        "Categorical",
+        "Activations",
+        "WeightZeroPattern",
+        "lift",
+        "temper",
+        "preserve",
+        "capture",
+        "ReferenceClass",
+    ]:
         assert hasattr(cp, n)
     for m in ["preserve", "sample", "fit"]:
         assert callable(getattr(cp.LocalPosterior, m))
@@ -42,8 +52,12 @@ def test_public_contract_names():
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
 def test_ruff_clean():
-    r = subprocess.run(["ruff", "check", "condpost", "tests", "benchmarks", "examples"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        ["ruff", "check", "condpost", "tests", "benchmarks", "examples"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -51,6 +65,8 @@ def test_docs_build_strict(tmp_path):
     pytest.importorskip("mkdocs")
     r = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -83,7 +83,9 @@ class SVIResult:
             W = self.distribution.sample((int(n),))
         settings = dict(self.settings)
         settings.update({"method": "svi", "draws": int(n), "chains": 1, "sample_seed": int(seed)})
-        return ReferenceClass.from_draws(self.posterior, W.reshape(1, int(n), -1), settings=settings)
+        return ReferenceClass.from_draws(
+            self.posterior, W.reshape(1, int(n), -1), settings=settings
+        )
 
 
 def _moments(g, guide: str) -> dict[str, torch.Tensor]:
@@ -150,14 +152,14 @@ def run_svi(
     if not lr > 0:
         raise ValueError(f"lr must be positive; got {lr!r}")
     if not 0 <= average < 1:
-        raise ValueError(f"average (fraction of final steps to average) must be in [0, 1); got {average}")
+        raise ValueError(
+            f"average (fraction of final steps to average) must be in [0, 1); got {average}"
+        )
     center = post.center
     sd = post.localization**-0.5
 
     def model():
-        w = pyro.sample(
-            "w", dist.Normal(center, torch.full_like(center, sd)).to_event(1)
-        )
+        w = pyro.sample("w", dist.Normal(center, torch.full_like(center, sd)).to_event(1))
         u = post.potential(w) - 0.5 * post.localization * ((w - center) ** 2).sum()
         pyro.factor("condpost/loss_and_constraints", -u)
 
@@ -228,7 +230,9 @@ def run_svi(
                 acc["loc"], acc["cov_factor"], acc["cov_diag"]
             )
         else:
-            fitted = torch.distributions.MultivariateNormal(acc["loc"], covariance_matrix=acc["cov"])
+            fitted = torch.distributions.MultivariateNormal(
+                acc["loc"], covariance_matrix=acc["cov"]
+            )
     if len(losses) >= 200:
         k = len(losses) // 10
         tail, before = losses[-k:], losses[-3 * k : -k]
