@@ -541,12 +541,14 @@ minimum (Adam, then L-BFGS); Gaussian likelihood with scale 0.1; nβ = n/log n; 
   different number of gradients on each chain.
 - **ESS:** bulk ESS (`condpost.diagnostics.ess_bulk`) of L_n, and the minimum over the 321
   coordinates, for one chain of draws. Both samplers use the same kernel code, so ESS
-  differences between them come from chain randomness. With the same seed the two chains
-  still part ways after a few trajectories, because float rounding differs. With
-  `--vary-seed` the medians are taken over several chains.
+  differences between them come from chain randomness. The two potentials round floats
+  differently, so even with the same seed the chains part ways during the run: the
+  adapted step sizes and gradient counts differ. With `--vary-seed` the medians are taken
+  over several chains.
 - **Threads:** torch runs with 1 intra-op thread (`--threads 1`, the default here). On this
-  2-core shared machine torch's default of 2 threads made one gradient about 8× slower and
-  much noisier (4.7 ms against 0.59 ms). That slowdown hides framework overhead.
+  2-core shared machine, under other jobs' load, torch's default of 2 threads made one
+  gradient about 8× slower and much noisier (4.7 ms against 0.59 ms). That slowdown
+  hides framework overhead.
 - Absolute times come from a shared, noisy machine and move by up to 2× between runs.
   Compare the ratios, which are measured within one run, and read absolute times
   (marked *) as indicative only.

@@ -442,7 +442,10 @@ class LocalPosterior:
             Show a progress bar.
         **kwargs
             Sampler options: ``target_accept`` (0.8), ``max_tree_depth`` (10),
-            ``dense_mass`` (False), ``step_size`` (initial, adapted), ``num_steps`` (HMC).
+            ``dense_mass`` (False), ``step_size`` (initial, adapted), ``num_steps`` (HMC),
+            ``adapt_step_size``/``adapt_mass_matrix`` (True), ``init_jitter`` (0),
+            ``num_threads`` (torch intra-op threads while sampling; 1 is often several times
+            faster for small networks on CPU; default: leave torch's setting alone).
         """
         method = method.lower()
         if method not in ("nuts", "hmc"):

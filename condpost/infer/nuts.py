@@ -47,6 +47,7 @@ def run_pyro_mcmc(
     init_jitter: float = 0.0,
     adapt_step_size: bool = True,
     adapt_mass_matrix: bool = True,
+    num_threads: int | None = None,
 ):
     from ..reference import ReferenceClass
 
@@ -69,7 +70,94 @@ def run_pyro_mcmc(
     diverging = np.zeros((chains, draws), dtype=bool)
     step_sizes = np.zeros(chains)
     accept = np.zeros(chains)
+    prev_threads = torch.get_num_threads()
+    if num_threads is not None:
+        # small networks on CPU: one intra-op thread is often several times faster
+        torch.set_num_threads(int(num_threads))
     t0 = time.perf_counter()
+    try:
+        _run_chains(
+            post,
+            method,
+            chains,
+            warmup,
+            draws,
+            seeds,
+            progress,
+            potential_fn,
+            out,
+            diverging,
+            step_sizes,
+            accept,
+            target_accept,
+            max_tree_depth,
+            dense_mass,
+            step_size,
+            num_steps,
+            init_jitter,
+            adapt_step_size,
+            adapt_mass_matrix,
+        )
+    finally:
+        torch.set_num_threads(prev_threads)
+    wall = time.perf_counter() - t0
+    ndiv = int(diverging.sum())
+    if ndiv:
+        per_chain = diverging.sum(1).tolist()
+        warn(
+            f"{ndiv} divergent transition(s) after warmup (per chain: {per_chain}). The draws are "
+            f"kept and flagged (ReferenceClass.diverging), but estimates may be biased. Raise "
+            f"target_accept (e.g. 0.95), lengthen warmup, loosen very tight tolerances, or "
+            f"increase localization.",
+            SamplerWarning,
+        )
+    info = {
+        "diverging": diverging,
+        "step_size": step_sizes,
+        "accept_prob": accept,
+    }
+    settings = {
+        "method": method,
+        "backend": "pyro",
+        "chains": chains,
+        "warmup": warmup,
+        "draws": draws,
+        "seed": seed,
+        "chain_seeds": seeds,
+        "target_accept": target_accept,
+        "max_tree_depth": max_tree_depth,
+        "dense_mass": bool(dense_mass),
+        "num_steps": num_steps,
+        "init_jitter": init_jitter,
+        "num_threads": num_threads,
+        "wall_time_s": wall,
+        "gradient_evaluations": counter["grads"],
+    }
+    return ReferenceClass.from_draws(post, out, settings=settings, sample_stats=info)
+
+
+def _run_chains(
+    post,
+    method,
+    chains,
+    warmup,
+    draws,
+    seeds,
+    progress,
+    potential_fn,
+    out,
+    diverging,
+    step_sizes,
+    accept,
+    target_accept,
+    max_tree_depth,
+    dense_mass,
+    step_size,
+    num_steps,
+    init_jitter,
+    adapt_step_size,
+    adapt_mass_matrix,
+):
     for c in range(chains):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds[c])
@@ -119,36 +207,3 @@ def run_pyro_mcmc(
             step_sizes[c] = float(kernel.step_size)
             accept[c] = float(kernel._mean_accept_prob)
             kernel.cleanup()
-    wall = time.perf_counter() - t0
-    ndiv = int(diverging.sum())
-    if ndiv:
-        per_chain = diverging.sum(1).tolist()
-        warn(
-            f"{ndiv} divergent transition(s) after warmup (per chain: {per_chain}). The draws are "
-            f"kept and flagged (ReferenceClass.diverging), but estimates may be biased. Raise "
-            f"target_accept (e.g. 0.95), lengthen warmup, loosen very tight tolerances, or "
-            f"increase localization.",
-            SamplerWarning,
-        )
-    info = {
-        "diverging": diverging,
-        "step_size": step_sizes,
-        "accept_prob": accept,
-    }
-    settings = {
-        "method": method,
-        "backend": "pyro",
-        "chains": chains,
-        "warmup": warmup,
-        "draws": draws,
-        "seed": seed,
-        "chain_seeds": seeds,
-        "target_accept": target_accept,
-        "max_tree_depth": max_tree_depth,
-        "dense_mass": bool(dense_mass),
-        "num_steps": num_steps,
-        "init_jitter": init_jitter,
-        "wall_time_s": wall,
-        "gradient_evaluations": counter["grads"],
-    }
-    return ReferenceClass.from_draws(post, out, settings=settings, sample_stats=info)
