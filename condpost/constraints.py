@@ -16,7 +16,8 @@ posterior (sites, probes, ``w*``) and returns a :class:`BoundConstraint`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,9 @@ __all__ = [
 class ForwardView:
     """Read-only view of the network at one weight setting, shared by all constraints.
 
-    Forward passes on each probe set run once and capture every site the constraints
-    need on that probe set.
+    ``activation(probes, site)``, ``output(probes)``, ``weights`` (lifted parameters by
+    name), ``flat`` (the lifted vector) and ``loss()`` (``L_n``). Forward passes on each
+    probe set run once and capture every site requested on it.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ForwardView:
         plan: Mapping[int, tuple[torch.Tensor, list[str]]],
         forward=None,
         flat: torch.Tensor | None = None,
+        loss_fn=None,
     ) -> None:
         self._lifted = lifted
         self.flat = flat
@@ -58,27 +61,59 @@ class ForwardView:
         self._plan = plan
         self._cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
         self._forward = forward
+        self._loss_fn = loss_fn
+        self._loss = None
 
     @property
     def weights(self) -> Mapping[str, torch.Tensor]:
         """Lifted parameters by name (frozen ones are available via ``lifted.frozen``)."""
         return self._params
 
-    def _run(self, probes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def weight(self, name: str) -> torch.Tensor:
+        """A parameter by name: the lifted value if lifted, else the frozen constant."""
+        if name in self._params:
+            return self._params[name]
+        if name in self._lifted.frozen:
+            return self._lifted.frozen[name]
+        raise KeyError(
+            f"no parameter {name!r}; nearest: {nearest(name, self._lifted.all_names)}"
+        )
+
+    def _run(self, probes: torch.Tensor, extra: Sequence[str] = ()):
         key = id(probes)
-        if key not in self._cache:
-            sites = self._plan[key][1] if key in self._plan else []
-            if self._forward is not None:
-                self._cache[key] = self._forward(probes, sites)
-            else:
-                self._cache[key] = self._lifted.call(self._params, probes, sites)
-        return self._cache[key]
+        hit = self._cache.get(key)
+        if hit is not None and all(s in hit[1] for s in extra):
+            return hit
+        sites = list(self._plan[key][1]) if key in self._plan else []
+        if hit is not None:
+            sites += [s for s in hit[1] if s not in sites]
+        sites += [s for s in extra if s not in sites]
+        if self._forward is not None:
+            res = self._forward(probes, sites)
+        else:
+            res = self._lifted.call(self._params, probes, sites)
+        self._cache[key] = res
+        return res
 
     def activation(self, probes: torch.Tensor, site: str) -> torch.Tensor:
-        return self._run(probes)[1][site]
+        return self._run(probes, (site,))[1][site]
 
     def output(self, probes: torch.Tensor) -> torch.Tensor:
         return self._run(probes)[0]
+
+    def patched(self, probes: torch.Tensor, source: str, value: torch.Tensor, target: str):
+        """Activation at ``target`` when ``source``'s output is replaced by ``value``."""
+        _, acts = self._lifted.call(self._params, probes, [target], replace={source: value})
+        return acts[target]
+
+    def loss(self) -> torch.Tensor:
+        """``L_n`` at these weights (needs a posterior-made view)."""
+        if self._loss is None:
+            if self._loss_fn is None:
+                raise RuntimeError("this view has no training loss attached")
+            w = self.flat if self.flat is not None else self._lifted.flatten(self._params)
+            self._loss = self._loss_fn(w)
+        return self._loss
 
 
 @dataclass
@@ -98,8 +133,19 @@ class BoundConstraint:
     sites: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
 
+    def requests(self) -> list[tuple[torch.Tensor, list[str]]]:
+        """(probes, sites) pairs whose forward passes this constraint reads."""
+        out = list(self.state.get("requests", []))
+        if self.probes is not None:
+            out.append((self.probes, list(self.sites)))
+        return out
+
     def feature(self, view: ForwardView) -> torch.Tensor:
         return self.spec._feature(self, view)
+
+    def exact(self, view: ForwardView) -> dict[str, torch.Tensor]:
+        """Exact (non-surrogate) discrete statistics at this draw, e.g. fraction active."""
+        return self.spec._exact(self, view)
 
     def defect(self, view: ForwardView) -> torch.Tensor:
         return self.spec._defect(self, view)
@@ -120,6 +166,9 @@ class BoundConstraint:
             "spread": self.state.get("spread"),
             "num_zero": self.state.get("num_zero"),
         }
+        cfg["side"] = self.spec.side
+        cfg["margin"] = self.spec.margin
+        cfg["exact"] = list(self.state.get("exact_keys", []))
         cfg.update(self.spec._config())
         return cfg
 
@@ -148,7 +197,18 @@ class Constraint:
         strength: float | None = None,
         name: str | None = None,
         n_c: int | None = None,
+        side: str = "two",
+        margin: float = 0.0,
     ) -> None:
+        if side not in ("two", "upper"):
+            raise ValueError(
+                f"{type(self).__name__}: side must be 'two' (stay near w*'s value) or 'upper' "
+                f"(no larger than w*'s value, a hinge²); got {side!r}"
+            )
+        if not (margin >= 0):
+            raise ValueError(f"{type(self).__name__}: margin must be ≥ 0; got {margin!r}")
+        self.side = side
+        self.margin = float(margin)
         if (tolerance is None) == (strength is None):
             raise ValueError(
                 f"{type(self).__name__}: give exactly one of tolerance= (absolute, feature "
@@ -180,7 +240,15 @@ class Constraint:
 
     def _defect(self, bound: BoundConstraint, view: ForwardView) -> torch.Tensor:
         diff = self._feature(bound, view) - bound.target
+        if self.side == "upper":
+            diff = torch.relu(diff - self.margin)
         return (diff * diff).sum() / bound.k
+
+    def _exact(self, bound: BoundConstraint, view: ForwardView) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _family(self) -> str:
+        return "hinge" if self.side == "upper" else self.family
 
     def _config(self) -> dict:
         return {}
@@ -190,7 +258,7 @@ class Constraint:
         bound = BoundConstraint(
             name=self.name or self._default_name(),
             kind=self.kind,
-            family=self.family,
+            family=self._family(),
             k=0,
             rho=0.0,
             tolerance=self.tolerance,
@@ -201,7 +269,9 @@ class Constraint:
         if bound.k <= 0:
             raise ValueError(f"constraint {bound.name!r} has an empty feature")
         _check_depends_on_lifted(post, bound)
-        if bound.target is not None:
+        with torch.no_grad():
+            bound.state["exact_keys"] = list(bound.exact(post.view(post.center)))
+        if bound.target is not None and bound.target.dim() > 0:
             t = bound.target.detach().to(torch.float64)
             t = t.reshape(t.shape[0], -1) if bound.probes is not None else t.reshape(-1, 1)
             bound.state["spread"] = float(((t - t.mean(0)) ** 2).sum())
@@ -225,8 +295,8 @@ def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> No
     """Raise if the feature does not depend on any lifted weight (its gradient is zero)."""
     w = post.center.clone().requires_grad_(True)
     with torch.enable_grad():
-        plan = {} if bound.probes is None else {id(bound.probes): (bound.probes, bound.sites)}
-        view = ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w)
+        plan = {id(p): (p, sites) for p, sites in bound.requests()}
+        view = ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w, loss_fn=post.loss)
         f = bound.feature(view)
         if not f.requires_grad:
             g = torch.zeros_like(w)
@@ -272,51 +342,89 @@ def _prepare_probes(post: LocalPosterior, probes, argname: str = "probes") -> to
     return p
 
 
+def _linear_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Linear CKA between ``[m, p]`` and ``[m, q]`` representations (Kornblith et al. 2019)."""
+    Xc = X - X.mean(0, keepdim=True)
+    Yc = Y - Y.mean(0, keepdim=True)
+    K, L = Xc @ Xc.T, Yc @ Yc.T
+    eps = torch.finfo(X.dtype).tiny
+    return (K * L).sum() / ((K * K).sum().clamp_min(eps).sqrt() * (L * L).sum().clamp_min(eps).sqrt())
+
+
 class Activations(Constraint):
     """Preserve the activations of ``site`` on fixed ``probes`` (THEORY C1).
 
-    Feature ``f(w) = A_site(P; w)`` (stacked over probes), Gaussian defect
-    ``D(w) = (1/k) Σ_{x∈P} ‖A_site(x; w) − A_site(x; w*)‖²`` with ``k`` the number of
-    probe-activation entries. With ``tolerance=σ`` the factor is
+    ``measure="mse"`` (default): feature ``f(w) = A_site(P; w)`` (stacked over probes),
+    Gaussian defect ``D(w) = (1/k) Σ_{x∈P} ‖A_site(x; w) − A_site(x; w*)‖²`` with ``k``
+    the number of probe-activation entries. With ``tolerance=σ`` the factor is
     ``exp(−‖A(P; w) − A(P; w*)‖² / (2σ²))``: activations stay within σ (RMS) of ``w*``'s.
+    This is basis-dependent: it also pins continuous symmetries such as ReLU unit
+    rescaling.
 
-    This constraint is basis-dependent: it also pins continuous symmetries such as
-    ReLU unit rescaling.
+    ``measure="cka"``: the basis-free defect ``D(w) = 1 − CKA(A(P; w), A(P; w*))`` with
+    linear CKA over the probes, invariant to rotations and isotropic scaling of the
+    site's units; ``k = 1`` and ``tolerance=σ`` gives the factor ``exp(−D/(2σ²))``.
 
     Parameters
     ----------
     site : str
-        Module path whose output is preserved (``"layers.1"``, ``"blocks.0.mlp"``).
+        Module path whose output is preserved (``"layers.1"``, ``"blocks.0.mlp"``; ``""``
+        is the network output).
     probes : tensor ``[m, *input_shape]``
         Fixed probe inputs.
+    measure : {"mse", "cka"}
     """
 
     kind = "activations"
 
-    def __init__(self, site: str, probes, tolerance=None, strength=None, name=None, n_c=None):
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c)
+    def __init__(
+        self, site: str, probes, tolerance=None, strength=None, name=None, n_c=None,
+        measure: str = "mse", side: str = "two",
+    ):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side)
         if not isinstance(site, str):
             raise TypeError(f"Activations: site must be a module path (str); got {site!r}")
+        if measure not in ("mse", "cka"):
+            raise ValueError(f"Activations: measure must be 'mse' or 'cka'; got {measure!r}")
         self.site = site
         self.probes = probes
+        self.measure = measure
+
+    def _family(self) -> str:
+        return "cka" if self.measure == "cka" else super()._family()
 
     def _default_name(self) -> str:
-        return f"activations:{self.site}"
+        return f"activations:{self.site}" + (":cka" if self.measure == "cka" else "")
 
     def _prepare(self, post, bound):
         (site,) = resolve_sites(post.lifted.net, [self.site], argname="Activations(site)")
         p = _prepare_probes(post, self.probes, "Activations(probes)")
-        with torch.no_grad():
-            _, acts = post.lifted.call(post.lifted.unflatten(post.center), p, [site])
-        target = acts[site].detach().clone()
-        check_finite(target, f"activations at site {site!r} on the probes at w*")
-        bound.probes, bound.sites, bound.target, bound.k = p, [site], target, target.numel()
+        target = _activation_at_center(post, p, site)
+        if self.measure == "cka" and p.shape[0] < 3:
+            raise ValueError("Activations(measure='cka') needs at least 3 probes")
+        bound.probes, bound.sites, bound.target = p, [site], target
+        bound.k = 1 if self.measure == "cka" else target.numel()
 
     def _feature(self, bound, view):
         return view.activation(bound.probes, bound.sites[0])
 
+    def _defect(self, bound, view):
+        if self.measure == "cka":
+            a = self._feature(bound, view)
+            return 1.0 - _linear_cka(a.reshape(a.shape[0], -1), bound.target.reshape(a.shape[0], -1))
+        return super()._defect(bound, view)
+
     def _config(self):
-        return {"site": self.site, "m": int(torch.as_tensor(self.probes).shape[0])}
+        return {"site": self.site, "m": int(torch.as_tensor(self.probes).shape[0]),
+                "measure": self.measure}
+
+
+def _activation_at_center(post, probes: torch.Tensor, site: str) -> torch.Tensor:
+    with torch.no_grad():
+        _, acts = post.lifted.call(post.lifted.unflatten(post.center), probes, [site])
+    target = acts[site].detach().clone()
+    check_finite(target, f"activations at site {site!r} on the probes at w*")
+    return target
 
 
 class WeightZeroPattern(Constraint):
@@ -407,3 +515,596 @@ class WeightZeroPattern(Constraint):
             "threshold": self.threshold,
             "target": self.target_mode,
         }
+
+
+def _zero_pattern_exact(bound, view):
+    w = view.flat if view.flat is not None else view._lifted.flatten(view.weights)
+    idx = bound.state["index"]
+    thr = bound.spec.threshold
+    return {"zero_count": (w[idx].abs() < thr).sum().to(w.dtype)}
+
+
+WeightZeroPattern._exact = lambda self, bound, view: _zero_pattern_exact(bound, view)
+
+
+class CircuitMap(Constraint):
+    """Preserve a circuit's input→output map between two sites (THEORY C2, activation patching).
+
+    The sub-network from ``source`` to ``target`` is run on *injected* source activations
+    ``a_j``: ``C_w(a_j)`` is the activation at ``target`` when the module at ``source``
+    outputs ``a_j`` (paths that bypass ``source`` are computed from the probes). Gaussian
+    defect ``D(w) = (1/k) Σ_j ‖C_w(a_j) − C_{w*}(a_j)‖²``. Everything upstream of
+    ``source`` stays free.
+
+    Parameters
+    ----------
+    source, target : str
+        Module paths; ``source`` must feed ``target``.
+    probes : tensor ``[m, *input_shape]``
+        Inputs that drive the forward pass (and define the clean activations).
+    interventions : {"clean", "resample", "mean"} or tensor
+        ``"clean"``: ``a_j = A_source(x_j; w*)``; ``"resample"``: the ``w*`` activations of
+        other probes (a fixed random permutation, ``seed``); ``"mean"``: their mean over
+        probes; or a tensor of the source activation's shape ``[m, ...]``.
+    """
+
+    kind = "circuit"
+
+    def __init__(
+        self, source: str, target: str, probes, interventions="clean", tolerance=None,
+        strength=None, name=None, n_c=None, seed: int = 0, side: str = "two",
+    ):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side)
+        if not (isinstance(interventions, str) or isinstance(interventions, torch.Tensor)):
+            raise TypeError("CircuitMap: interventions must be 'clean', 'resample', 'mean' or a tensor")
+        if isinstance(interventions, str) and interventions not in ("clean", "resample", "mean"):
+            raise ValueError(
+                f"CircuitMap: interventions must be 'clean', 'resample', 'mean' or a tensor; "
+                f"got {interventions!r}"
+            )
+        self.source, self.target, self.probes = source, target, probes
+        self.interventions = interventions
+        self.seed = seed
+
+    def _default_name(self) -> str:
+        return f"circuit:{self.source}->{self.target}"
+
+    def _prepare(self, post, bound):
+        src, tgt = resolve_sites(post.lifted.net, [self.source, self.target], "CircuitMap(sites)")
+        if src == tgt:
+            raise ValueError("CircuitMap: source and target must differ")
+        p = _prepare_probes(post, self.probes, "CircuitMap(probes)")
+        clean = _activation_at_center(post, p, src)
+        iv = self.interventions
+        if isinstance(iv, torch.Tensor):
+            a = iv.detach().to(dtype=clean.dtype, device=clean.device)
+            if a.shape != clean.shape:
+                raise ValueError(
+                    f"CircuitMap: interventions tensor has shape {tuple(a.shape)}; the source "
+                    f"{src!r} outputs {tuple(clean.shape)} on these probes"
+                )
+            check_finite(a, "CircuitMap(interventions)")
+        elif iv == "clean":
+            a = clean
+        elif iv == "resample":
+            m = clean.shape[0]
+            if m < 2:
+                raise ValueError("CircuitMap(interventions='resample') needs at least 2 probes")
+            g = torch.Generator().manual_seed(int(self.seed))
+            perm = torch.randperm(m, generator=g)
+            fixed = perm == torch.arange(m)
+            perm[fixed] = (perm[fixed] + 1) % m  # no probe keeps its own activation
+            a = clean[perm]
+        else:
+            a = clean.mean(0, keepdim=True).expand_as(clean).clone()
+        center = post.lifted.unflatten(post.center)
+        a_req = a.clone().requires_grad_(True)
+        with torch.enable_grad():
+            try:
+                _, acts = post.lifted.call(center, p, [tgt], replace={src: a_req})
+            except RuntimeError as e:
+                raise ValueError(f"CircuitMap({src!r} → {tgt!r}): {e}") from None
+            out = acts[tgt]
+            gsum = torch.autograd.grad(out.sum(), a_req, allow_unused=True)[0]
+        if gsum is None or bool((gsum == 0).all()):
+            raise ValueError(
+                f"CircuitMap: source {src!r} does not feed target {tgt!r} (the target does not "
+                f"change when the source activation is patched). Pick a target downstream of "
+                f"the source."
+            )
+        bound.probes, bound.sites = p, [tgt]
+        bound.state["source"], bound.state["inject"] = src, a.detach()
+        bound.target = out.detach().clone()
+        bound.k = bound.target.numel()
+
+    def _feature(self, bound, view):
+        return view.patched(bound.probes, bound.state["source"], bound.state["inject"], bound.sites[0])
+
+    def _config(self):
+        iv = self.interventions if isinstance(self.interventions, str) else "tensor"
+        return {"source": self.source, "target_site": self.target, "interventions": iv}
+
+
+class Outputs(Constraint):
+    """Preserve the network's predictions on ``probes`` (THEORY C3).
+
+    With ``kl=α`` (categorical logits): ``D(w) = (1/m) Σ_j KL(p(·|x_j, w*) ‖ p(·|x_j, w))``
+    in nats with relative strength α (``ρ = nβ·α·N_c/n``): a tempered likelihood on the
+    network's own soft labels (self-distillation), so ``w*`` is an exact minimiser.
+    Otherwise the Gaussian defect on the raw outputs, ``D = (1/k)‖f(P; w) − f(P; w*)‖²``,
+    with ``tolerance`` or ``strength``.
+    """
+
+    kind = "outputs"
+
+    def __init__(self, probes, tolerance=None, strength=None, kl: float | None = None,
+                 name=None, n_c=None):
+        if kl is not None:
+            if tolerance is not None or strength is not None:
+                raise ValueError("Outputs: give kl=α alone (KL mode), or tolerance/strength")
+            super().__init__(strength=kl, name=name, n_c=n_c)
+        else:
+            super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c)
+        self.kl = kl is not None
+        self.probes = probes
+
+    def _family(self):
+        return "kl" if self.kl else "gaussian"
+
+    def _default_name(self):
+        return "outputs:kl" if self.kl else "outputs"
+
+    def _prepare(self, post, bound):
+        p = _prepare_probes(post, self.probes, "Outputs(probes)")
+        target = _activation_at_center(post, p, "")
+        if self.kl:
+            if target.dim() < 2:
+                raise ValueError("Outputs(kl=...) needs logits of shape [m, ..., C]")
+            target = torch.log_softmax(target, -1)
+            bound.k = int(target.shape[0])
+        else:
+            bound.k = target.numel()
+        bound.probes, bound.sites, bound.target = p, [""], target
+
+    def _feature(self, bound, view):
+        return view.activation(bound.probes, "")
+
+    def _defect(self, bound, view):
+        if not self.kl:
+            return super()._defect(bound, view)
+        logq = torch.log_softmax(self._feature(bound, view), -1)
+        logp = bound.target
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        return kl.sum() / bound.k
+
+    def _exact(self, bound, view):
+        if not self.kl:
+            return {}
+        out = self._feature(bound, view)
+        agree = (out.argmax(-1) == bound.target.argmax(-1)).to(out.dtype).mean()
+        return {"argmax_agreement": agree}
+
+    def _config(self):
+        return {"kl": self.kl, "m": int(torch.as_tensor(self.probes).shape[0])}
+
+
+def _default_tau(target: torch.Tensor) -> float:
+    scale = float(target.detach().abs().to(torch.float64).std())
+    return 0.1 * scale if scale > 0 else 0.1
+
+
+class ActivationSparsity(Constraint):
+    """Preserve how sparse the activations at ``site`` are (THEORY C4).
+
+    The exact statistic, the fraction of active entries ``mean 1[A > 0]``, is a step
+    function; the constraint uses a smooth surrogate ``s(w)``:
+
+    * ``"sigmoid"``: ``s = mean sigmoid(A/τ)`` (τ defaults to 10% of the activations'
+      scale at ``w*``);
+    * ``"l1"``: ``s = mean |A|``;
+    * ``"hoyer"``: ``s = mean over probes of ‖a‖₁/‖a‖₂``.
+
+    Defect ``(s(w) − s(w*))²`` (``side="two"``) or the hinge² ``max(0, s(w) − s(w*) −
+    margin)²`` (``side="upper"``: no denser than ``w*``); ``k = 1``. The exact fraction
+    active is reported per draw.
+    """
+
+    kind = "activation_sparsity"
+
+    def __init__(self, site: str, probes, surrogate: str = "sigmoid", tau: float | None = None,
+                 tolerance=None, strength=None, side: str = "two", margin: float = 0.0,
+                 name=None, n_c=None):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
+                         side=side, margin=margin)
+        if surrogate not in ("sigmoid", "l1", "hoyer"):
+            raise ValueError(f"surrogate must be 'sigmoid', 'l1' or 'hoyer'; got {surrogate!r}")
+        if tau is not None and not _is_pos_finite(tau):
+            raise ValueError(f"tau must be positive; got {tau!r}")
+        self.site, self.probes, self.surrogate, self.tau = site, probes, surrogate, tau
+
+    def _default_name(self):
+        return f"sparsity:{self.site}"
+
+    def _prepare(self, post, bound):
+        (site,) = resolve_sites(post.lifted.net, [self.site], "ActivationSparsity(site)")
+        p = _prepare_probes(post, self.probes, "ActivationSparsity(probes)")
+        a = _activation_at_center(post, p, site)
+        bound.state["tau"] = float(self.tau) if self.tau is not None else _default_tau(a)
+        bound.probes, bound.sites, bound.k = p, [site], 1
+        bound.target = self._stat(bound, a).detach()
+
+    def _stat(self, bound, a):
+        if self.surrogate == "sigmoid":
+            return torch.sigmoid(a / bound.state["tau"]).mean()
+        if self.surrogate == "l1":
+            return a.abs().mean()
+        flat = a.reshape(a.shape[0], -1)
+        eps = torch.finfo(a.dtype).eps
+        return (flat.abs().sum(1) / (flat.pow(2).sum(1) + eps).sqrt()).mean()
+
+    def _feature(self, bound, view):
+        return self._stat(bound, view.activation(bound.probes, bound.sites[0]))
+
+    def _exact(self, bound, view):
+        a = view.activation(bound.probes, bound.sites[0])
+        return {"fraction_active": (a > 0).to(a.dtype).mean()}
+
+    def _config(self):
+        return {"site": self.site, "surrogate": self.surrogate, "tau": self.tau}
+
+
+class FiringPattern(Constraint):
+    """Preserve *which* units fire at ``site`` on ``probes`` (THEORY C5).
+
+    ``z* = 1[A(w*) > 0]``, ``s = sigmoid(A(w)/τ)``; Bernoulli cross-entropy defect
+    ``D(w) = (1/k) Σ −[z* log s + (1 − z*) log(1 − s)]`` over the ``k`` probe-unit entries
+    (``side="upper"``: only units silent at ``w*`` are penalised for firing — no denser
+    than ``w*``). ``D(w*) > 0`` is a constant offset. The exact statistics reported are the
+    fraction of entries whose firing matches ``z*`` and the fraction active.
+    """
+
+    kind = "firing_pattern"
+    family = "bernoulli"
+
+    def __init__(self, site: str, probes, tau: float | None = None, tolerance=None,
+                 strength=None, side: str = "two", name=None, n_c=None):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side)
+        if tau is not None and not _is_pos_finite(tau):
+            raise ValueError(f"tau must be positive; got {tau!r}")
+        self.site, self.probes, self.tau = site, probes, tau
+
+    def _family(self):
+        return "bernoulli"
+
+    def _default_name(self):
+        return f"firing:{self.site}"
+
+    def _prepare(self, post, bound):
+        (site,) = resolve_sites(post.lifted.net, [self.site], "FiringPattern(site)")
+        p = _prepare_probes(post, self.probes, "FiringPattern(probes)")
+        a = _activation_at_center(post, p, site)
+        bound.state["tau"] = float(self.tau) if self.tau is not None else _default_tau(a)
+        bound.probes, bound.sites = p, [site]
+        bound.target = (a > 0).to(a.dtype)
+        bound.k = a.numel()
+
+    def _feature(self, bound, view):
+        return view.activation(bound.probes, bound.sites[0]) / bound.state["tau"]
+
+    def _defect(self, bound, view):
+        logits = self._feature(bound, view)
+        z = bound.target
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, z, reduction="none")
+        if self.side == "upper":
+            ce = ce * (1 - z)
+        return ce.sum() / bound.k
+
+    def _exact(self, bound, view):
+        a = view.activation(bound.probes, bound.sites[0])
+        fire = (a > 0).to(a.dtype)
+        return {"pattern_match": (fire == bound.target).to(a.dtype).mean(),
+                "fraction_active": fire.mean()}
+
+    def _config(self):
+        return {"site": self.site, "tau": self.tau}
+
+
+def _lifted_slices(post, params, argname):
+    lifted = post.lifted
+    try:
+        return match_patterns(params, lifted.names, argname)
+    except ValueError:
+        try:
+            hits = match_patterns(params, lifted.all_names, argname)
+        except ValueError:
+            raise
+        raise ValueError(
+            f"{argname}={params!r} matches only parameters that are not lifted ({hits[:5]}); "
+            f"frozen weights cannot move. Lift them with include=..., or pick among the lifted "
+            f"parameters: {nearest(str(params), lifted.names)}"
+        ) from None
+
+
+class WeightSparsity(Constraint):
+    """Preserve the sparsity of weights (THEORY C6).
+
+    * ``form="zero_pattern"``: :class:`WeightZeroPattern` (the recommended, exactly
+      linear-Gaussian form; needs ``threshold``).
+    * ``form="smoothed_l1"``: scalar ``g(w) = Σ sqrt(w_i² + ε²)``.
+    * ``form="smoothed_l0"``: scalar ``g(w) = Σ (1 − exp(−w_i²/(2ε²)))``.
+
+    For the smoothed forms the defect is ``(g(w) − g(w*))²`` (``side="two"``) or
+    ``max(0, g(w) − g(w*) − margin)²`` (``side="upper"``: no denser than ``w*``), ``k = 1``.
+    The exact count of weights with ``|w_i| < threshold`` (default ε) is reported.
+    """
+
+    kind = "weight_sparsity"
+
+    def __init__(self, params, form: str = "smoothed_l1", eps: float = 1e-2,
+                 threshold: float | None = None, tolerance=None, strength=None,
+                 side: str = "two", margin: float = 0.0, name=None, n_c=None):
+        if form not in ("zero_pattern", "smoothed_l1", "smoothed_l0"):
+            raise ValueError(
+                f"form must be 'zero_pattern', 'smoothed_l1' or 'smoothed_l0'; got {form!r}"
+            )
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
+                         side=side, margin=margin)
+        if not _is_pos_finite(eps):
+            raise ValueError(f"eps must be positive; got {eps!r}")
+        if form == "zero_pattern" and threshold is None:
+            raise ValueError("WeightSparsity(form='zero_pattern') needs threshold=")
+        self.params, self.form, self.eps = params, form, float(eps)
+        self.threshold = threshold
+        if form == "zero_pattern":
+            self._zp = WeightZeroPattern(params, threshold, tolerance=tolerance,
+                                         strength=strength, name=name, n_c=n_c)
+
+    def _default_name(self):
+        p = self.params if isinstance(self.params, str) else ",".join(self.params)
+        return f"weight_sparsity:{p}"
+
+    def _prepare(self, post, bound):
+        if self.form == "zero_pattern":
+            self._zp._prepare(post, bound)
+            return
+        names = _lifted_slices(post, self.params, "WeightSparsity(params)")
+        idx = torch.cat([torch.arange(post.lifted.slice_of(n).start, post.lifted.slice_of(n).stop)
+                         for n in names])
+        bound.state["index"], bound.state["params"] = idx, names
+        bound.k = 1
+        bound.target = self._g(post.center[idx]).detach()
+
+    def _g(self, w):
+        e = self.eps
+        if self.form == "smoothed_l1":
+            return (w * w + e * e).sqrt().sum()
+        return (1 - torch.exp(-w * w / (2 * e * e))).sum()
+
+    def _weights(self, bound, view):
+        w = view.flat if view.flat is not None else view._lifted.flatten(view.weights)
+        return w[bound.state["index"]]
+
+    def _feature(self, bound, view):
+        if self.form == "zero_pattern":
+            return self._zp._feature(bound, view)
+        return self._g(self._weights(bound, view))
+
+    def _exact(self, bound, view):
+        if self.form == "zero_pattern":
+            return _zero_pattern_exact(bound, view)
+        w = self._weights(bound, view)
+        thr = self.threshold if self.threshold is not None else self.eps
+        return {"zero_count": (w.abs() < thr).sum().to(w.dtype)}
+
+    def _config(self):
+        return {"params": self.params, "form": self.form, "eps": self.eps,
+                "threshold": self.threshold}
+
+
+class LowRank(Constraint):
+    """Keep a weight matrix (near) low rank (THEORY C7).
+
+    With ``λ_i`` the eigenvalues of the Gram matrix ``WᵀW`` (or ``WWᵀ``, the smaller),
+    i.e. the squared singular values, computed with ``eigvalsh`` (whose backward has no
+    ``1/(σ_i² − σ_j²)`` terms, so gradients stay finite at repeated or zero singular
+    values):
+
+    * ``"tail_energy"``: ``g = Σ_{i>r} σ_i² = min_{rank ≤ r} ‖W − W_r‖_F²`` (Eckart–Young);
+    * ``"nuclear"``: smoothed nuclear norm ``g = Σ_i sqrt(σ_i² + ε²)``;
+    * ``"effective_rank"``: ``g = exp H(p)``, ``p_i = s_i/Σ s_j``, ``s_i = sqrt(σ_i² + ε²)``.
+
+    Defect ``(g(w) − g(w*))²`` or, with ``side="upper"`` (no higher rank than ``w*``),
+    ``max(0, g(w) − g(w*) − margin)²``; ``k = 1``. The exact numerical rank
+    (``σ_i > rtol·σ_max``) is reported per draw.
+    """
+
+    kind = "low_rank"
+
+    def __init__(self, param: str, rank: int = 1, form: str = "tail_energy", eps: float = 1e-3,
+                 rtol: float = 1e-3, tolerance=None, strength=None, side: str = "two",
+                 margin: float = 0.0, name=None, n_c=None):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
+                         side=side, margin=margin)
+        if form not in ("tail_energy", "nuclear", "effective_rank"):
+            raise ValueError(
+                f"form must be 'tail_energy', 'nuclear' or 'effective_rank'; got {form!r}"
+            )
+        if int(rank) != rank or rank < 0:
+            raise ValueError(f"rank must be a non-negative integer; got {rank!r}")
+        self.param, self.rank, self.form = param, int(rank), form
+        self.eps, self.rtol = float(eps), float(rtol)
+
+    def _default_name(self):
+        return f"low_rank:{self.param}"
+
+    def _prepare(self, post, bound):
+        lifted = post.lifted
+        if self.param not in lifted.names:
+            if self.param in lifted.all_names:
+                raise ValueError(
+                    f"LowRank(param={self.param!r}) is not lifted; frozen weights cannot move. "
+                    f"Lift it with include=..."
+                )
+            raise ValueError(
+                f"LowRank(param={self.param!r}) is not a parameter name; nearest: "
+                f"{nearest(self.param, lifted.names)}"
+            )
+        shape = lifted.shapes[lifted.names.index(self.param)]
+        if len(shape) < 2:
+            raise ValueError(f"LowRank needs a matrix; {self.param!r} has shape {tuple(shape)}")
+        if self.form == "tail_energy" and self.rank >= min(shape[0], int(torch.Size(shape[1:]).numel())):
+            raise ValueError(
+                f"LowRank(rank={self.rank}) ≥ the matrix's smallest dimension {min(shape)}: the "
+                f"tail energy is identically zero"
+            )
+        bound.state["shape"] = tuple(shape)
+        bound.k = 1
+        bound.target = self._g(self._matrix(post.lifted.unflatten(post.center)[self.param])).detach()
+
+    @staticmethod
+    def _matrix(W):
+        return W.reshape(W.shape[0], -1)
+
+    def _sq_singular(self, M):
+        G = M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T
+        lam = torch.linalg.eigvalsh(G)  # ascending
+        return lam.clamp_min(0.0)
+
+    def _g(self, M):
+        lam = self._sq_singular(M)
+        if self.form == "tail_energy":
+            return lam[: lam.shape[0] - self.rank].sum()
+        s = (lam + self.eps**2).sqrt()
+        if self.form == "nuclear":
+            return s.sum()
+        p = s / s.sum()
+        return torch.exp(-(p * p.log()).sum())
+
+    def _feature(self, bound, view):
+        return self._g(self._matrix(view.weight(self.param)))
+
+    def _exact(self, bound, view):
+        M = self._matrix(view.weight(self.param))
+        sv = torch.linalg.svdvals(M.detach())
+        r = (sv > self.rtol * sv.max()).sum()
+        return {"numerical_rank": r.to(M.dtype)}
+
+    def _config(self):
+        return {"param": self.param, "rank": self.rank, "form": self.form, "eps": self.eps}
+
+
+class Quantized(Constraint):
+    """Keep weights near a grid ``Δℤ`` (THEORY C8, the sin² surrogate).
+
+    ``D(w) = (1/k) Σ_i (Δ/π)² sin²(π w_i/Δ)``, a smooth stand-in for the squared distance
+    to the grid (equal to it to second order near grid points). With ``tolerance=σ``,
+    ``ρ D = Σ_i (Δ/π)² sin²(π w_i/Δ)/(2σ²)``. The exact fraction of weights within
+    ``Δ/10`` of the grid is reported.
+    """
+
+    kind = "quantized"
+
+    def __init__(self, params, step: float, tolerance=None, strength=None, name=None, n_c=None):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c)
+        if not _is_pos_finite(step):
+            raise ValueError(f"Quantized: step must be positive; got {step!r}")
+        self.params, self.step = params, float(step)
+
+    def _default_name(self):
+        p = self.params if isinstance(self.params, str) else ",".join(self.params)
+        return f"quantized:{p}"
+
+    def _prepare(self, post, bound):
+        names = _lifted_slices(post, self.params, "Quantized(params)")
+        idx = torch.cat([torch.arange(post.lifted.slice_of(n).start, post.lifted.slice_of(n).stop)
+                         for n in names])
+        bound.state["index"] = idx
+        bound.k = int(idx.numel())
+        bound.target = None
+
+    def _feature(self, bound, view):
+        w = view.flat if view.flat is not None else view._lifted.flatten(view.weights)
+        return w[bound.state["index"]]
+
+    def _defect(self, bound, view):
+        w = self._feature(bound, view)
+        d = self.step
+        return ((d / math.pi) ** 2 * torch.sin(math.pi * w / d) ** 2).sum() / bound.k
+
+    def _exact(self, bound, view):
+        w = self._feature(bound, view)
+        dist = (w - torch.round(w / self.step) * self.step).abs()
+        return {"fraction_on_grid": (dist < self.step / 10).to(w.dtype).mean()}
+
+    def _config(self):
+        return {"params": self.params, "step": self.step}
+
+
+class LossLevel(Constraint):
+    """Microcanonical loss level (THEORY C9): ``D(w) = max(0, L_n(w) − L_n(w*) − ε)²``.
+
+    ``k = 1``; with ``tolerance=σ`` (nats), ``ρ D = D/(2σ²)``. Usually choosing ``nβ``
+    (the precision-targeted temperature) is the better tool.
+    """
+
+    kind = "loss_level"
+
+    def __init__(self, epsilon: float, tolerance=None, strength=None, name=None, n_c=None):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
+                         side="upper", margin=0.0)
+        if not (float(epsilon) >= 0):
+            raise ValueError(f"LossLevel: epsilon must be ≥ 0; got {epsilon!r}")
+        self.epsilon = float(epsilon)
+
+    def _default_name(self):
+        return "loss_level"
+
+    def _prepare(self, post, bound):
+        bound.k = 1
+        bound.target = torch.tensor(post.loss_center + self.epsilon, dtype=post.dtype)
+
+    def _feature(self, bound, view):
+        return view.loss()
+
+    def _config(self):
+        return {"epsilon": self.epsilon}
+
+
+class Feature(Constraint):
+    """A user-defined feature ``fn(view) -> tensor`` (Gaussian defect).
+
+    ``view`` is read-only: ``view.activation(probes, site)``, ``view.output(probes)``,
+    ``view.weights`` / ``view.weight(name)``, ``view.flat`` and ``view.loss()``.
+    ``D(w) = (1/k)‖fn(view_w) − fn(view_{w*})‖²`` (or the hinge² with ``side="upper"``).
+    ``fn`` must be differentiable in the lifted weights; it is checked for finite values
+    and for depending on at least one lifted weight.
+    """
+
+    kind = "feature"
+
+    def __init__(self, fn: Callable, tolerance=None, strength=None, name=None, n_c=None,
+                 side: str = "two", margin: float = 0.0):
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
+                         side=side, margin=margin)
+        if not callable(fn):
+            raise TypeError("Feature: fn must be callable (view -> tensor)")
+        self.fn = fn
+
+    def _default_name(self):
+        return f"feature:{getattr(self.fn, '__name__', 'fn')}"
+
+    def _prepare(self, post, bound):
+        with torch.no_grad():
+            val = self.fn(post.view(post.center))
+        if not isinstance(val, torch.Tensor):
+            raise TypeError(f"Feature fn must return a tensor; got {type(val).__name__}")
+        if not bool(torch.isfinite(val).all()):
+            raise ValueError(f"Feature {bound.name!r}: fn returned non-finite values at w*")
+        bound.target = val.detach().clone()
+        bound.k = max(int(val.numel()), 1)
+
+    def _feature(self, bound, view):
+        return self.fn(view)
+
+    def _config(self):
+        return {"fn": getattr(self.fn, "__qualname__", repr(self.fn))}

@@ -74,6 +74,32 @@ def capture_hooks(net: nn.Module, sites: Sequence[str], store: dict) -> Iterator
             h.remove()
 
 
+@contextlib.contextmanager
+def _replace_hooks(net: nn.Module, replace: Mapping[str, torch.Tensor], fired: dict):
+    modules = dict(net.named_modules())
+    handles = []
+
+    def make(site, value):
+        def hook(module, inputs, output):
+            fired[site] = fired.get(site, 0) + 1
+            if isinstance(output, torch.Tensor) and output.shape != value.shape:
+                raise ValueError(
+                    f"patched activation for site {site!r} has shape {tuple(value.shape)}; the "
+                    f"module outputs {tuple(output.shape)}"
+                )
+            return value
+
+        return hook
+
+    try:
+        for s, v in replace.items():
+            handles.append(modules[s].register_forward_hook(make(s, v)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class LiftedNetwork:
     """A module's parameters split into a lifted flat vector and frozen constants.
 
@@ -209,15 +235,28 @@ class LiftedNetwork:
         lifted: Mapping[str, torch.Tensor],
         x: torch.Tensor,
         sites: Sequence[str] = (),
+        replace: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Functional forward with the lifted parameters ``lifted``; returns (output, acts)."""
+        """Functional forward with the lifted parameters ``lifted``; returns (output, acts).
+
+        ``replace`` maps sites to tensors that replace those modules' outputs (activation
+        patching); a replaced site must run exactly once.
+        """
         params = self.full_params(lifted)
         acts: dict[str, torch.Tensor] = {}
-        if sites:
-            with capture_hooks(self.net, sites, acts):
-                out = functional_call(self.net, params, (x,))
-        else:
+        with contextlib.ExitStack() as stack:
+            fired: dict[str, int] = {}
+            if replace:
+                stack.enter_context(_replace_hooks(self.net, replace, fired))
+            if sites:
+                stack.enter_context(capture_hooks(self.net, sites, acts))
             out = functional_call(self.net, params, (x,))
+            for s in replace or {}:
+                if fired.get(s, 0) != 1:
+                    raise RuntimeError(
+                        f"activation patching at site {s!r}: the module ran {fired.get(s, 0)} "
+                        f"time(s) in one forward pass; patching needs exactly one call"
+                    )
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"the network returned a {type(out).__name__}; condpost needs a single output "

@@ -149,11 +149,11 @@ class LocalPosterior:
             )
         self._specs.append(constraint)
         self._bound.append(bound)
-        if bound.probes is not None:
-            key = id(bound.probes)
-            probes, sites = self._plan.get(key, (bound.probes, []))
-            sites = sites + [s for s in bound.sites if s not in sites]
-            self._plan[key] = (probes, sites)
+        for probes, req_sites in bound.requests():
+            key = id(probes)
+            p, sites = self._plan.get(key, (probes, []))
+            sites = sites + [s for s in req_sites if s not in sites]
+            self._plan[key] = (p, sites)
         return self
 
     def with_nbeta(self, nbeta) -> LocalPosterior:
@@ -184,7 +184,9 @@ class LocalPosterior:
         return w.to(self.dtype)
 
     def view(self, w: torch.Tensor) -> ForwardView:
-        return ForwardView(self.lifted, self.lifted.unflatten(w), self._plan, flat=w)
+        return ForwardView(
+            self.lifted, self.lifted.unflatten(w), self._plan, flat=w, loss_fn=self.loss
+        )
 
     def loss(self, w: torch.Tensor) -> torch.Tensor:
         """``L_n(w)``: the mean per-sample NLL on the data."""
@@ -236,7 +238,7 @@ class LocalPosterior:
             with pyro.plate("data", self.n):
                 self.likelihood.observe("y", out, self.y)
         if self._bound:
-            v = ForwardView(self.lifted, f.params, self._plan)
+            v = ForwardView(self.lifted, f.params, self._plan, loss_fn=self.loss)
             for b in self._bound:
                 if b.family == "gaussian" and b.target is not None:
                     if b.tolerance is not None:
@@ -258,12 +260,16 @@ class LocalPosterior:
         with ``grad=True`` ``virial`` = ``(w − w*)·∇U(w)``.
         """
         W = self._as_w(W).reshape(-1, self.d)
-        names = [b.name for b in self._bound]
+        names = [f"defect/{b.name}" for b in self._bound]
+        with torch.no_grad():
+            v0 = self.view(self.center)
+            names += [f"exact/{b.name}/{k}" for b in self._bound for k in b.exact(v0)]
 
         def stats(w):
             loss = self.loss(w)
             v = self.view(w)
             ds = [b.defect(v) for b in self._bound]
+            ds += [val for b in self._bound for val in b.exact(v).values()]
             return loss, ds
 
         def stats_grad(w):
@@ -277,7 +283,7 @@ class LocalPosterior:
 
         out: dict[str, list] = {"loss": []}
         for nm in names:
-            out[f"defect/{nm}"] = []
+            out[nm] = []
         if grad:
             out["virial"] = []
         vmapped = self._vmapped_stats(grad)
@@ -299,7 +305,7 @@ class LocalPosterior:
                 loss, ds, vir = res
             out["loss"].append(loss.detach())
             for nm, dv in zip(names, ds, strict=True):
-                out[f"defect/{nm}"].append(dv.detach())
+                out[nm].append(dv.detach())
             if grad:
                 out["virial"].append(vir.detach())
         return {k: torch.cat(v) for k, v in out.items()}
@@ -316,6 +322,7 @@ class LocalPosterior:
             loss = self.loss(w)
             v = self.view(w)
             ds = [b.defect(v) for b in self._bound]
+            ds += [val for b in self._bound for val in b.exact(v).values()]
             return loss, ds
 
         if not grad:
