@@ -11,7 +11,21 @@ Importing condpost never imports jax.
 __version__ = "0.1.0"
 
 from ._errors import CenterWarning, CondpostWarning, ConstraintWarning, SamplerWarning
-from .constraints import Activations, Constraint, WeightZeroPattern
+from .calibration import Sensitivity, calibrate, sensitivity
+from .constraints import (
+    ActivationSparsity,
+    Activations,
+    CircuitMap,
+    Constraint,
+    Feature,
+    FiringPattern,
+    LossLevel,
+    LowRank,
+    Outputs,
+    Quantized,
+    WeightSparsity,
+    WeightZeroPattern,
+)
 from .lifting import LiftedNetwork
 from .likelihoods import Bernoulli, Categorical, CustomNLL, Gaussian, Likelihood
 from .posterior import LocalPosterior
@@ -32,6 +46,18 @@ __all__ = [
     "Constraint",
     "Activations",
     "WeightZeroPattern",
+    "CircuitMap",
+    "Outputs",
+    "ActivationSparsity",
+    "FiringPattern",
+    "WeightSparsity",
+    "LowRank",
+    "Quantized",
+    "LossLevel",
+    "Feature",
+    "calibrate",
+    "sensitivity",
+    "Sensitivity",
     "LLC",
     "lift",
     "temper",

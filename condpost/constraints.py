@@ -292,27 +292,35 @@ class Constraint:
 
 
 def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> None:
-    """Raise if the feature does not depend on any lifted weight (its gradient is zero)."""
-    w = post.center.clone().requires_grad_(True)
-    with torch.enable_grad():
-        plan = {id(p): (p, sites) for p, sites in bound.requests()}
-        view = ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w, loss_fn=post.loss)
-        f = bound.feature(view)
-        if not f.requires_grad:
-            g = torch.zeros_like(w)
-        else:
-            gen = torch.Generator(device="cpu").manual_seed(0)
+    """Raise if the feature's gradient in the lifted weights is zero at w* and at two random
+    points at the prior's scale γ^{-1/2} (the feature depends on nothing lifted)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    scale = post.localization**-0.5
+    points = [post.center] + [
+        post.center + scale * torch.randn(post.d, generator=gen, dtype=post.dtype).to(post.device)
+        for _ in range(2)
+    ]
+    plan = {id(p): (p, sites) for p, sites in bound.requests()}
+    for i, w0 in enumerate(points):
+        w = w0.clone().requires_grad_(True)
+        with torch.enable_grad():
+            view = ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w, loss_fn=post.loss)
+            f = bound.feature(view)
+            if not f.requires_grad:
+                break
             r = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
             (g,) = torch.autograd.grad((f * r).sum(), w, allow_unused=True)
-            g = torch.zeros_like(w) if g is None else g
-    if not bool(torch.isfinite(g).all()):
-        raise ValueError(f"constraint {bound.name!r}: the feature's gradient at w* is not finite")
-    if bool((g == 0).all()):
-        raise ValueError(
-            f"constraint {bound.name!r} does not depend on any lifted parameter (its gradient "
-            f"at w* is zero), so it cannot change the posterior. Lift parameters that feed it "
-            f"(include=...); lifted now: {post.lifted.names[:6]}"
-        )
+        if g is None:
+            break
+        if i == 0 and not bool(torch.isfinite(g).all()):
+            raise ValueError(f"constraint {bound.name!r}: the feature's gradient at w* is not finite")
+        if bool((g != 0).any()):
+            return
+    raise ValueError(
+        f"constraint {bound.name!r} does not depend on any lifted parameter (its gradient is "
+        f"zero at w* and nearby), so it cannot change the posterior. Lift parameters that feed "
+        f"it (include=...); lifted now: {post.lifted.names[:6]}"
+    )
 
 
 def _is_pos_finite(v) -> bool:
@@ -379,9 +387,10 @@ class Activations(Constraint):
 
     def __init__(
         self, site: str, probes, tolerance=None, strength=None, name=None, n_c=None,
-        measure: str = "mse", side: str = "two",
+        measure: str = "mse", side: str = "two", margin: float = 0.0,
     ):
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side)
+        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side,
+                         margin=margin)
         if not isinstance(site, str):
             raise TypeError(f"Activations: site must be a module path (str); got {site!r}")
         if measure not in ("mse", "cka"):
@@ -1003,6 +1012,7 @@ class Quantized(Constraint):
     """
 
     kind = "quantized"
+    family = "grid"
 
     def __init__(self, params, step: float, tolerance=None, strength=None, name=None, n_c=None):
         super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c)

@@ -110,6 +110,7 @@ class LocalPosterior:
         self._bound: list[BoundConstraint] = []
         self._plan: dict[int, tuple[torch.Tensor, list[str]]] = {}
         self.center_check: dict = {}
+        self.calibration: dict = {}
         if check_center:
             self.center_check = self._check_center()
 
@@ -170,9 +171,10 @@ class LocalPosterior:
             center=self.lifted.center,
             check_center=False,
         )
+        specs = kw.pop("constraints", self._specs)
         args.update(kw)
         new = LocalPosterior(self.lifted.net, (self.x, self.y), self.likelihood, **args)
-        for c in self._specs:
+        for c in specs:
             new.preserve(c)
         return new
 

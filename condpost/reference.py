@@ -119,6 +119,13 @@ class PreservationReport:
             "coverage",
             "defect_mean",
         ]
+        for r in self.rows:
+            for c in r:
+                if c not in cols and (
+                    (c.startswith("exact:") and not c.endswith(("q05", "q95")))
+                    or c in ("shrinkage", "loss_cost")
+                ):
+                    cols.append(c)
         warns = "".join(f"\n  ! {w}" for w in self.warnings)
         return _table(self.rows, cols) + warns
 
@@ -447,25 +454,47 @@ class ReferenceClass:
             warn_negative=warn_user,
         )
 
-    def preservation(self, *, warn_user: bool = True) -> PreservationReport:
+    def preservation(
+        self, unconstrained: ReferenceClass | None = None, *, warn_user: bool = True
+    ) -> PreservationReport:
         """How well each constraint holds across the reference class (THEORY §3.2).
 
-        Columns: binding ratio ``b_c = 2E[ρ_c D_c]/k_c`` (Gaussian defects; with its MC
-        standard error), FVU mean and 5/50/95% quantiles, coverage ``P(D_c ≤ σ_c²)``
-        (RMS deviation within the tolerance), and the mean defect.
+        Columns, one row per constraint:
+
+        * ``binding`` ``b_c = 2E[ρ_c D_c]/k_c`` with its MC standard error (exact for
+          Gaussian defects; for hinge² and CKA defects the same ratio of mean defect to
+          tolerance; not defined for KL and Bernoulli defects);
+        * ``fvu_mean`` and ``fvu_q05/q50/q95``: ``k_c D_c`` over the feature's spread
+          across probes at ``w*`` (vector features);
+        * ``coverage`` ``P(D_c ≤ τ_c)`` with ``τ_c = k_c/(2ρ_c)`` (= σ² in tolerance mode:
+          RMS deviation within the tolerance);
+        * ``exact:<stat>``: the mean of the exact discrete statistic behind a surrogate
+          (fraction active, true zero count, numerical rank, fraction on the grid), with
+          ``exact:<stat>@w*`` its value at ``w*``;
+        * with a paired ``unconstrained`` run (same network, no constraint): ``shrinkage``
+          ``E_C[D_c]/E_0[D_c]`` and ``loss_cost`` ``Δ_c = E_C[L_n] − E_0[L_n]``.
         """
         from .diagnostics import mcse_mean
 
         rows, msgs = [], []
         defects = self.defects()
+        D0 = None
+        if unconstrained is not None:
+            post = self._need_posterior("preservation(unconstrained=...)")
+            W0 = torch.as_tensor(unconstrained.flat().reshape(-1, self.d), dtype=post.dtype)
+            ev0 = post.evaluate(W0, grad=False)
+            D0 = {k[len("defect/") :]: v.numpy() for k, v in ev0.items() if k.startswith("defect/")}
+            L0 = unconstrained.loss()
         for cfg in self.config["constraints"]:
             nm = cfg["name"]
             D = defects[nm]
             k, rho = cfg["k"], cfg["rho"]
-            sigma2 = k / (2 * rho)
-            row: dict[str, Any] = {"constraint": nm, "kind": cfg["kind"], "k": k, "rho": rho}
+            tau = k / (2 * rho)
+            row: dict[str, Any] = {"constraint": nm, "kind": cfg["kind"], "family": cfg["family"],
+                                   "k": k, "rho": rho, "tolerance": cfg.get("tolerance"),
+                                   "strength": cfg.get("strength")}
             row["defect_mean"] = float(D.mean())
-            if cfg["family"] == "gaussian":
+            if cfg["family"] in ("gaussian", "hinge", "cka", "grid"):
                 b = 2 * rho * D / k
                 row["binding"] = float(b.mean())
                 try:
@@ -473,13 +502,21 @@ class ReferenceClass:
                 except ValueError:
                     row["binding_se"] = float("nan")
             spread = cfg.get("spread")
-            if spread and spread > 0:
+            if spread and spread > 0 and cfg["family"] == "gaussian":
                 fvu = k * D / spread
                 q = np.quantile(fvu, [0.05, 0.5, 0.95])
                 row.update(fvu_mean=float(fvu.mean()), fvu_q05=q[0], fvu_q50=q[1], fvu_q95=q[2])
-            row["coverage"] = float((D <= sigma2).mean())
+            row["coverage"] = float((D <= tau).mean())
+            for key in cfg.get("exact", []):
+                v = self._stats.get(f"exact/{nm}/{key}")
+                if v is not None:
+                    row[f"exact:{key}"] = float(v.mean())
+                    row[f"exact:{key}:q05"], row[f"exact:{key}:q95"] = np.quantile(v, [0.05, 0.95])
             if cfg.get("num_zero") is not None:
                 row["num_zero"] = cfg["num_zero"]
+            if D0 is not None:
+                row["shrinkage"] = float(D.mean() / D0[nm].mean()) if D0[nm].mean() > 0 else float("nan")
+                row["loss_cost"] = float(self.loss().mean() - L0.mean())
             b = row.get("binding")
             if b is not None and b < 0.05:
                 msgs.append(

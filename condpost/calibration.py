@@ -1,0 +1,228 @@
+"""Auto-calibration of constraint strengths (THEORY §2.2) and linear-response sensitivities (§3.3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ._errors import ConstraintWarning, warn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .posterior import LocalPosterior
+    from .reference import ReferenceClass
+
+__all__ = ["calibrate", "solve_tolerance", "sensitivity", "Sensitivity"]
+
+
+def solve_tolerance(eigenvalues, target_binding: float) -> float:
+    """σ² solving ``(1/k) Σ_i v_i/(v_i + σ²) = b*`` (THEORY §2.2), by bisection in log σ².
+
+    ``eigenvalues`` are those of the feature's unconstrained covariance ``V_c`` (length
+    ``k``; zeros allowed). Raises if ``b*`` exceeds the attainable ``rank(V_c)/k``.
+    """
+    v = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
+    k = v.size
+    if not 0 < target_binding < 1:
+        raise ValueError(f"target_binding must lie in (0, 1); got {target_binding}")
+    reach = np.count_nonzero(v > 0) / k
+    if target_binding >= reach:
+        raise ValueError(
+            f"target_binding={target_binding} is unreachable: only {reach:.3f} of the feature's "
+            f"directions vary in the pilot (the rest are already pinned); ask for less."
+        )
+    vmax = v.max()
+
+    def b(s2):
+        return float(np.mean(v / (v + s2)))
+
+    lo, hi = math.log(vmax * 1e-12), math.log(vmax * 1e12)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if b(math.exp(mid)) > target_binding:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(0.5 * (lo + hi))
+
+
+def _feature_draws(post: LocalPosterior, bound, W: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    from torch.func import vmap
+
+    def f(w):
+        return bound.feature(post.view(w)).reshape(-1)
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, W.shape[0], chunk):
+            block = W[i : i + chunk]
+            try:
+                out.append(vmap(f)(block))
+            except Exception:  # noqa: BLE001 - modules vmap cannot trace
+                out.append(torch.stack([f(w) for w in block]))
+    return torch.cat(out)
+
+
+def calibrate(
+    post: LocalPosterior,
+    target_binding: float = 0.5,
+    *,
+    constraints: list[str] | None = None,
+    chains: int = 2,
+    warmup: int = 300,
+    draws: int = 400,
+    seed: int = 0,
+    progress: bool = False,
+    pilot: ReferenceClass | None = None,
+) -> LocalPosterior:
+    """Set constraint strengths so that each binds at ``target_binding`` (THEORY §2.2).
+
+    Runs a short NUTS pilot of ``post`` *without* its constraints (or uses ``pilot``),
+    estimates each feature's unconstrained covariance ``V_c`` from the pilot draws,
+    solves ``(1/k) Σ v_i/(v_i + σ²) = b*`` for σ, and returns a new posterior whose
+    constraints carry the result in relative form, ``strength = α = k/(2σ² nβ)`` (so it
+    transfers across nβ). When the pilot has fewer draws than twice the feature
+    dimension, ``V_c`` is replaced by its isotropic part ``tr(V_c)/k`` (stated in
+    ``post.calibration``). Only Gaussian-family constraints (two-sided defects, CKA)
+    are calibrated; others are kept as declared, with a warning.
+
+    Returns
+    -------
+    LocalPosterior
+        A copy of ``post`` with calibrated constraints and a ``calibration`` dict.
+    """
+    specs = list(post._specs)
+    if not specs:
+        raise ValueError("calibrate: the posterior declares no constraints")
+    names = [b.name for b in post._bound]
+    if constraints is not None:
+        unknown = [c for c in constraints if c not in names]
+        if unknown:
+            raise ValueError(f"calibrate: unknown constraint(s) {unknown}; declared: {names}")
+    if pilot is None:
+        base = post._replace(constraints=[])
+        pilot = base.sample("nuts", chains=chains, warmup=warmup, draws=draws, seed=seed,
+                            progress=progress)
+    W = torch.as_tensor(pilot.flat().reshape(-1, post.d), dtype=post.dtype, device=post.device)
+    new_specs, report = [], {}
+    for spec, bound in zip(specs, post._bound, strict=True):
+        todo = constraints is None or bound.name in constraints
+        if not todo:
+            new_specs.append(spec)
+            continue
+        if bound.family not in ("gaussian", "cka"):
+            warn(f"calibrate: {bound.name!r} has a {bound.family} defect; its strength is kept",
+                 ConstraintWarning)
+            new_specs.append(spec)
+            continue
+        F = _feature_draws(post, bound, W).to(torch.float64)
+        if bound.family == "cka":  # scalar feature: D itself, its spread is E[D]
+            with torch.no_grad():
+                Dv = torch.stack([bound.defect(post.view(w)) for w in W[:: max(1, len(W) // 400)]])
+            v = np.array([float(Dv.mean())])
+            method = "cka-mean-defect"
+        else:
+            Fc = F - F.mean(0, keepdim=True)
+            S, k = Fc.shape
+            if S >= 2 * k:
+                v = torch.linalg.eigvalsh(Fc.T @ Fc / (S - 1)).numpy()
+                method = "eigen"
+            else:
+                tr = float((Fc * Fc).sum() / (S - 1))
+                v = np.full(k, tr / k)
+                method = "isotropic"
+        sigma2 = solve_tolerance(v, target_binding)
+        k = bound.k
+        alpha = k / (2.0 * sigma2 * post.nbeta)
+        new = copy.copy(spec)
+        new.tolerance, new.strength, new.n_c = None, alpha, None
+        new.name = bound.name
+        new_specs.append(new)
+        report[bound.name] = {"sigma": math.sqrt(sigma2), "strength": alpha,
+                              "target_binding": target_binding, "method": method,
+                              "trace_V": float(np.sum(v)), "k": k}
+    out = post._replace(constraints=new_specs)
+    out.calibration = report
+    return out
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """``dE[φ]/dh = −Cov(φ, V)`` with its Monte Carlo standard error (THEORY §3.3)."""
+
+    value: float
+    stderr: float
+    knob: str
+    wrt: str
+
+    def __float__(self) -> float:
+        return self.value
+
+
+def _observable(ref: ReferenceClass, observable) -> np.ndarray:
+    shape = (ref.chains, ref.num_draws)
+    if isinstance(observable, str):
+        if observable == "loss":
+            return ref.loss()
+        if observable.startswith("defect:"):
+            return ref.defects()[observable[len("defect:"):]]
+        raise ValueError(f"observable string must be 'loss' or 'defect:<name>'; got {observable!r}")
+    if callable(observable):
+        post = ref._need_posterior("sensitivity with a callable observable")
+        W = torch.as_tensor(ref.flat().reshape(-1, ref.d), dtype=post.dtype)
+        with torch.no_grad():
+            vals = torch.stack([torch.as_tensor(observable(post.view(w))).reshape(()) for w in W])
+        return vals.numpy().reshape(shape)
+    arr = np.asarray(observable, dtype=np.float64)
+    if arr.shape != shape:
+        raise ValueError(f"observable array must have shape [chains, draws] = {shape}; got {arr.shape}")
+    return arr
+
+
+def sensitivity(ref: ReferenceClass, observable, knob: str, *, wrt: str = "rho") -> Sensitivity:
+    """Linear response ``dE[φ]/dh = −Cov(φ, V)`` from draws already taken (THEORY §3.3).
+
+    Parameters
+    ----------
+    observable : "loss", "defect:<name>", a callable ``view -> scalar``, or an array ``[chains, draws]``
+    knob : "nbeta" or a constraint name
+        ``"nbeta"``: ``h = nβ``, ``V = L_n``. A constraint name: ``h = ρ_c``, ``V = D_c``.
+    wrt : {"rho", "strength", "tolerance"}
+        For a constraint, report the derivative with respect to ρ_c, to the relative
+        strength α (``ρ = nβ·α·N_c/n``), or to the tolerance σ (``ρ = k/(2σ²)``).
+    """
+    phi = _observable(ref, observable)
+    if knob == "nbeta":
+        V = ref.loss()
+        factor = 1.0
+    else:
+        defects = ref.defects()
+        if knob not in defects:
+            raise ValueError(f"knob must be 'nbeta' or a constraint name {list(defects)}; got {knob!r}")
+        V = defects[knob]
+        cfg = next(c for c in ref.config["constraints"] if c["name"] == knob)
+        if wrt == "rho":
+            factor = 1.0
+        elif wrt == "strength":
+            if cfg.get("strength") is None:
+                raise ValueError(f"{knob!r} was declared with a tolerance; use wrt='tolerance'")
+            factor = cfg["rho"] / cfg["strength"]
+        elif wrt == "tolerance":
+            if cfg.get("tolerance") is None:
+                raise ValueError(f"{knob!r} was declared with a strength; use wrt='strength'")
+            factor = -cfg["k"] / cfg["tolerance"] ** 3
+        else:
+            raise ValueError(f"wrt must be 'rho', 'strength' or 'tolerance'; got {wrt!r}")
+    from .diagnostics import mcse_mean
+
+    z = (phi - phi.mean()) * (V - V.mean())
+    cov = float(z.mean())
+    try:
+        se = float(mcse_mean(z))
+    except ValueError:
+        se = float("nan")
+    return Sensitivity(value=-cov * factor, stderr=abs(se * factor), knob=knob, wrt=wrt)
