@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._errors import check_finite, match_patterns, nearest
+from ._errors import ConstraintWarning, check_finite, match_patterns, nearest, warn
 from .lifting import LiftedNetwork, resolve_sites
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -292,8 +292,13 @@ class Constraint:
 
 
 def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> None:
-    """Raise if the feature's gradient in the lifted weights is zero at w* and at two random
-    points at the prior's scale γ^{-1/2} (the feature depends on nothing lifted)."""
+    """Make sure the feature depends on the lifted weights.
+
+    Structurally independent features (no autograd path to the lifted vector) are an
+    error. A connected feature whose gradient is numerically zero at w* and at two random
+    points at the prior's scale γ^{-1/2} is an error for user :class:`Feature`s and a
+    warning for built-in constraints (e.g. all units dead on the probes).
+    """
     gen = torch.Generator(device="cpu").manual_seed(0)
     scale = post.localization**-0.5
     points = [post.center] + [
@@ -301,26 +306,31 @@ def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> No
         for _ in range(2)
     ]
     plan = {id(p): (p, sites) for p, sites in bound.requests()}
+    structural = False
     for i, w0 in enumerate(points):
         w = w0.clone().requires_grad_(True)
         with torch.enable_grad():
             view = ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w, loss_fn=post.loss)
             f = bound.feature(view)
-            if not f.requires_grad:
-                break
-            r = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
-            (g,) = torch.autograd.grad((f * r).sum(), w, allow_unused=True)
+            g = None
+            if f.requires_grad:
+                r = torch.randn(f.shape, generator=gen, dtype=f.dtype).to(f.device)
+                (g,) = torch.autograd.grad((f * r).sum(), w, allow_unused=True)
         if g is None:
+            structural = True
             break
         if i == 0 and not bool(torch.isfinite(g).all()):
             raise ValueError(f"constraint {bound.name!r}: the feature's gradient at w* is not finite")
         if bool((g != 0).any()):
             return
-    raise ValueError(
+    msg = (
         f"constraint {bound.name!r} does not depend on any lifted parameter (its gradient is "
         f"zero at w* and nearby), so it cannot change the posterior. Lift parameters that feed "
         f"it (include=...); lifted now: {post.lifted.names[:6]}"
     )
+    if structural or isinstance(bound.spec, Feature):
+        raise ValueError(msg)
+    warn(msg, ConstraintWarning)
 
 
 def _is_pos_finite(v) -> bool:
@@ -614,7 +624,9 @@ class CircuitMap(Constraint):
             except RuntimeError as e:
                 raise ValueError(f"CircuitMap({src!r} → {tgt!r}): {e}") from None
             out = acts[tgt]
-            gsum = torch.autograd.grad(out.sum(), a_req, allow_unused=True)[0]
+            gsum = None
+            if out.requires_grad:
+                gsum = torch.autograd.grad(out.sum(), a_req, allow_unused=True)[0]
         if gsum is None or bool((gsum == 0).all()):
             raise ValueError(
                 f"CircuitMap: source {src!r} does not feed target {tgt!r} (the target does not "

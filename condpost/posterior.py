@@ -183,7 +183,7 @@ class LocalPosterior:
         w = torch.as_tensor(w)
         if w.shape[-1:] != (self.d,):
             raise ValueError(f"w must have trailing size d={self.d}; got shape {tuple(w.shape)}")
-        return w.to(self.dtype)
+        return w.to(dtype=self.dtype, device=self.device)
 
     def view(self, w: torch.Tensor) -> ForwardView:
         return ForwardView(

@@ -66,7 +66,7 @@ def run_pyro_mcmc(
         return post.potential(z["w"])
 
     seeds = chain_seeds(seed, chains)
-    out = torch.empty(chains, draws, post.d, dtype=post.dtype)
+    out = torch.empty(chains, draws, post.d, dtype=post.dtype, device=post.device)
     diverging = np.zeros((chains, draws), dtype=bool)
     step_sizes = np.zeros(chains)
     accept = np.zeros(chains)
