@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 from ._errors import CenterWarning, CondpostWarning, ConstraintWarning, SamplerWarning
 from .calibration import Sensitivity, calibrate, sensitivity
 from .constraints import (
-    ActivationSparsity,
     Activations,
+    ActivationSparsity,
     CircuitMap,
     Constraint,
     Feature,

@@ -24,6 +24,18 @@ def solve_tolerance(eigenvalues, target_binding: float) -> float:
 
     ``eigenvalues`` are those of the feature's unconstrained covariance ``V_c`` (length
     ``k``; zeros allowed). Raises if ``b*`` exceeds the attainable ``rank(V_c)/k``.
+
+    Parameters
+    ----------
+    eigenvalues : array_like
+        Eigenvalues ``v_i`` of ``V_c`` (negative values are clipped to zero).
+    target_binding : float
+        The binding ratio ``b*`` to reach, in ``(0, 1)``.
+
+    Returns
+    -------
+    float
+        The tolerance squared, σ².
     """
     v = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
     k = v.size
@@ -90,6 +102,27 @@ def calibrate(
     ``post.calibration``). Only Gaussian-family constraints (two-sided defects, CKA)
     are calibrated; others are kept as declared, with a warning.
 
+    Parameters
+    ----------
+    post : LocalPosterior
+        A posterior with constraints declared (their strengths are replaced).
+    target_binding : float
+        The binding ratio ``b*`` in ``(0, 1)`` each constraint should reach (default 0.5).
+    constraints : list of str, optional
+        Names of the constraints to calibrate (default: all).
+    chains : int
+        Pilot chains (default 2).
+    warmup : int
+        Pilot warmup iterations per chain (default 300).
+    draws : int
+        Pilot draws per chain (default 400).
+    seed : int
+        Pilot seed.
+    progress : bool
+        Show the pilot's progress bar.
+    pilot : ReferenceClass, optional
+        Draws of the unconstrained posterior to use instead of running a pilot.
+
     Returns
     -------
     LocalPosterior
@@ -152,7 +185,21 @@ def calibrate(
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """``dE[φ]/dh = −Cov(φ, V)`` with its Monte Carlo standard error (THEORY §3.3)."""
+    """``dE[φ]/dh = −Cov(φ, V)`` with its Monte Carlo standard error (THEORY §3.3).
+
+    ``float(s)`` is ``s.value``.
+
+    Attributes
+    ----------
+    value : float
+        The derivative of ``E[φ]`` with respect to the knob (in the ``wrt`` parameter).
+    stderr : float
+        Its Monte Carlo standard error.
+    knob : str
+        ``"nbeta"`` or the constraint name.
+    wrt : str
+        ``"rho"``, ``"strength"`` or ``"tolerance"``.
+    """
 
     value: float
     stderr: float
@@ -188,12 +235,22 @@ def sensitivity(ref: ReferenceClass, observable, knob: str, *, wrt: str = "rho")
 
     Parameters
     ----------
-    observable : "loss", "defect:<name>", a callable ``view -> scalar``, or an array ``[chains, draws]``
-    knob : "nbeta" or a constraint name
+    ref : ReferenceClass
+        The draws (attached to their posterior when ``observable`` is a callable).
+    observable : str, callable or numpy.ndarray
+        φ: ``"loss"`` (``L_n``), ``"defect:<name>"``, a callable ``view -> scalar``
+        evaluated on every draw, or per-draw values of shape ``[chains, draws]``.
+    knob : str
+        ``"nbeta"`` or a constraint name.
         ``"nbeta"``: ``h = nβ``, ``V = L_n``. A constraint name: ``h = ρ_c``, ``V = D_c``.
     wrt : {"rho", "strength", "tolerance"}
         For a constraint, report the derivative with respect to ρ_c, to the relative
         strength α (``ρ = nβ·α·N_c/n``), or to the tolerance σ (``ρ = k/(2σ²)``).
+
+    Returns
+    -------
+    Sensitivity
+        The derivative and its Monte Carlo standard error.
     """
     phi = _observable(ref, observable)
     if knob == "nbeta":

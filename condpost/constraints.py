@@ -10,14 +10,14 @@ of weights, ...) plus a *defect* ``D_c(w) ≥ 0`` with ``D_c(w*) = 0`` and a str
 * relative ``strength`` α (loss units): ``ρ_c = β·N_c·α = nβ·α·N_c/n`` with
   ``N_c = n`` by default, so one unit of mean defect costs α nats of mean NLL.
 
-Constraints are declarations; :meth:`Constraint.bind` resolves them against a
-posterior (sites, probes, ``w*``) and returns a :class:`BoundConstraint`.
+Constraints are declarations; ``Constraint.bind`` resolves them against a
+posterior (sites, probes, ``w*``) and returns a ``BoundConstraint``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -179,12 +179,22 @@ class Constraint:
     Parameters
     ----------
     tolerance : float, optional
-        Absolute tolerance σ in the feature's units (``ρ = k/(2σ²)``).
+        Absolute tolerance σ in the feature's units (``ρ = k/(2σ²)``), independent of nβ.
     strength : float, optional
-        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
-        ``tolerance`` and ``strength``.
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``): one unit of mean defect
+        costs α nats of mean NLL. Give exactly one of ``tolerance`` and ``strength``.
     name : str, optional
-        Name of the factor site ``constraint/<name>``; a default is derived.
+        Name of the constraint and of its factor site ``constraint/<name>``; a default
+        is derived from the type and its arguments.
+    n_c : int, optional
+        ``N_c`` in ``ρ = nβ·α·N_c/n`` (relative mode only). Default ``n``, so α counts
+        like the training loss; ``n_c=m`` counts the probes as ``m`` extra observations.
+    side : {"two", "upper"}
+        ``"two"`` (default): stay near ``w*``'s value. ``"upper"``: be no larger than
+        ``w*``'s value, a one-sided hinge² ``max(0, f(w) − f(w*) − margin)²`` (family
+        ``"hinge"``).
+    margin : float
+        Slack δ ≥ 0 of the hinge² (``side="upper"`` only; default 0).
     """
 
     kind = "constraint"
@@ -296,7 +306,7 @@ def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> No
 
     Structurally independent features (no autograd path to the lifted vector) are an
     error. A connected feature whose gradient is numerically zero at w* and at two random
-    points at the prior's scale γ^{-1/2} is an error for user :class:`Feature`s and a
+    points at the prior's scale γ^{-1/2} is an error for user ``Feature`` constraints and a
     warning for built-in constraints (e.g. all units dead on the probes).
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -388,9 +398,25 @@ class Activations(Constraint):
     site : str
         Module path whose output is preserved (``"layers.1"``, ``"blocks.0.mlp"``; ``""``
         is the network output).
-    probes : tensor ``[m, *input_shape]``
-        Fixed probe inputs.
+    probes : torch.Tensor
+        Fixed probe inputs, shape ``[m, *input_shape]``, same dtype as the training
+        inputs.
+    tolerance : float, optional
+        Absolute tolerance σ in activation units, RMS per entry (``ρ = k/(2σ²)``); with
+        ``measure="cka"``, ``k = 1`` and σ is in units of ``sqrt(1 − CKA)``.
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"activations:<site>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
     measure : {"mse", "cka"}
+        Gaussian defect on the raw activations (default) or ``1 − CKA``.
+    side : {"two", "upper"}
+        ``"upper"``: activations no larger than at ``w*`` (``"mse"`` only) (hinge²).
+    margin : float
+        Slack of the hinge² with ``side="upper"`` (default 0).
     """
 
     kind = "activations"
@@ -454,7 +480,9 @@ class WeightZeroPattern(Constraint):
     ``D(w) = (1/|Z*|) Σ_{i∈Z*} (w_i − t_i)²``. With ``target="center"`` (default)
     ``t = w*_{Z*}``, so ``D(w*) = 0`` and the factor is exactly THEORY §4.1's
     ``exp(−‖C(w − w*)‖²/(2σ²))`` with rows ``e_iᵀ``. With ``target="zero"``, ``t = 0``
-    (the literal C6 formula ``Σ w_i²/(2σ²)``, a pruning prior).
+    (the literal C6 formula ``Σ w_i²/(2σ²)``, a pruning prior). The exact count of
+    weights of ``Z*`` with ``|w_i| < threshold`` is reported per draw
+    (``exact:zero_count``).
 
     Parameters
     ----------
@@ -462,6 +490,18 @@ class WeightZeroPattern(Constraint):
         Glob patterns over lifted parameter names.
     threshold : float
         Magnitude below which a weight of ``w*`` counts as zero.
+    tolerance : float, optional
+        Absolute tolerance σ in weight units (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"zero_pattern:<params>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    target : {"center", "zero"}
+        ``"center"`` (default): hold ``Z*`` at ``w*_{Z*}`` (``D(w*) = 0``). ``"zero"``:
+        pull it to exactly zero (a pruning prior, ``D(w*) > 0``).
     """
 
     kind = "zero_pattern"
@@ -559,12 +599,26 @@ class CircuitMap(Constraint):
     ----------
     source, target : str
         Module paths; ``source`` must feed ``target``.
-    probes : tensor ``[m, *input_shape]``
-        Inputs that drive the forward pass (and define the clean activations).
-    interventions : {"clean", "resample", "mean"} or tensor
+    probes : torch.Tensor
+        Inputs that drive the forward pass (and define the clean activations), shape
+        ``[m, *input_shape]``.
+    interventions : {"clean", "resample", "mean"} or torch.Tensor
         ``"clean"``: ``a_j = A_source(x_j; w*)``; ``"resample"``: the ``w*`` activations of
         other probes (a fixed random permutation, ``seed``); ``"mean"``: their mean over
         probes; or a tensor of the source activation's shape ``[m, ...]``.
+    tolerance : float, optional
+        Absolute tolerance σ in units of the target site's activations (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"circuit:<source>-><target>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    seed : int
+        Seed of the permutation used by ``interventions="resample"`` (default 0).
+    side : {"two", "upper"}
+        ``"upper"``: target activations no larger than at ``w*`` (hinge²).
     """
 
     kind = "circuit"
@@ -653,7 +707,26 @@ class Outputs(Constraint):
     in nats with relative strength α (``ρ = nβ·α·N_c/n``): a tempered likelihood on the
     network's own soft labels (self-distillation), so ``w*`` is an exact minimiser.
     Otherwise the Gaussian defect on the raw outputs, ``D = (1/k)‖f(P; w) − f(P; w*)‖²``,
-    with ``tolerance`` or ``strength``.
+    with ``tolerance`` or ``strength``. In KL mode the argmax agreement with ``w*`` is
+    reported per draw (``exact:argmax_agreement``).
+
+    Parameters
+    ----------
+    probes : torch.Tensor
+        Probe inputs, shape ``[m, *input_shape]`` (the training inputs give
+        self-distillation).
+    tolerance : float, optional
+        Absolute tolerance σ in output units, Gaussian mode only (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"outputs"``, or ``"outputs:kl"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    kl : float, optional
+        Relative strength α of the KL defect (KL mode, family ``"kl"``); give it alone,
+        without ``tolerance`` or ``strength``.
     """
 
     kind = "outputs"
@@ -728,6 +801,31 @@ class ActivationSparsity(Constraint):
     Defect ``(s(w) − s(w*))²`` (``side="two"``) or the hinge² ``max(0, s(w) − s(w*) −
     margin)²`` (``side="upper"``: no denser than ``w*``); ``k = 1``. The exact fraction
     active is reported per draw.
+
+    Parameters
+    ----------
+    site : str
+        Module path whose output's sparsity is preserved.
+    probes : torch.Tensor
+        Probe inputs, shape ``[m, *input_shape]``.
+    surrogate : {"sigmoid", "l1", "hoyer"}
+        The smooth statistic ``s`` (default ``"sigmoid"``).
+    tau : float, optional
+        Temperature of the sigmoid surrogate (default: 10% of the standard deviation
+        of ``|A|`` at ``w*``).
+    tolerance : float, optional
+        Absolute tolerance σ in units of the surrogate statistic ``s`` (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"sparsity:<site>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    side : {"two", "upper"}
+        ``"upper"``: no denser than ``w*`` (hinge²).
+    margin : float
+        Slack of the hinge² with ``side="upper"`` (default 0).
     """
 
     kind = "activation_sparsity"
@@ -782,6 +880,27 @@ class FiringPattern(Constraint):
     (``side="upper"``: only units silent at ``w*`` are penalised for firing — no denser
     than ``w*``). ``D(w*) > 0`` is a constant offset. The exact statistics reported are the
     fraction of entries whose firing matches ``z*`` and the fraction active.
+
+    Parameters
+    ----------
+    site : str
+        Module path whose firing pattern is preserved.
+    probes : torch.Tensor
+        Probe inputs, shape ``[m, *input_shape]``.
+    tau : float, optional
+        Sigmoid temperature (default: 10% of the standard deviation of ``|A|`` at
+        ``w*``).
+    tolerance : float, optional
+        Absolute tolerance σ: ``ρ = k/(2σ²)``, so ``ρ D = Σ CE/(2σ²)`` (CE in nats).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"firing:<site>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    side : {"two", "upper"}
+        ``"upper"``: only firing where ``w*`` is silent is penalised (hinge²).
     """
 
     kind = "firing_pattern"
@@ -849,7 +968,7 @@ def _lifted_slices(post, params, argname):
 class WeightSparsity(Constraint):
     """Preserve the sparsity of weights (THEORY C6).
 
-    * ``form="zero_pattern"``: :class:`WeightZeroPattern` (the recommended, exactly
+    * ``form="zero_pattern"``: ``WeightZeroPattern`` (the recommended, exactly
       linear-Gaussian form; needs ``threshold``).
     * ``form="smoothed_l1"``: scalar ``g(w) = Σ sqrt(w_i² + ε²)``.
     * ``form="smoothed_l0"``: scalar ``g(w) = Σ (1 − exp(−w_i²/(2ε²)))``.
@@ -857,6 +976,32 @@ class WeightSparsity(Constraint):
     For the smoothed forms the defect is ``(g(w) − g(w*))²`` (``side="two"``) or
     ``max(0, g(w) − g(w*) − margin)²`` (``side="upper"``: no denser than ``w*``), ``k = 1``.
     The exact count of weights with ``|w_i| < threshold`` (default ε) is reported.
+
+    Parameters
+    ----------
+    params : str or sequence of str
+        Glob patterns over lifted parameter names.
+    form : {"smoothed_l1", "smoothed_l0", "zero_pattern"}
+        The sparsity statistic (default ``"smoothed_l1"``).
+    eps : float
+        Smoothing scale ε of the smoothed forms (default 1e-2).
+    threshold : float, optional
+        Zero threshold; required for ``"zero_pattern"``, otherwise only used for the
+        reported count (default ε).
+    tolerance : float, optional
+        Absolute tolerance σ (``ρ = k/(2σ²)``), in units of ``g`` (weight units for
+        ``"zero_pattern"``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"weight_sparsity:<params>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    side : {"two", "upper"}
+        ``"upper"``: no denser than ``w*`` (smoothed forms) (hinge²).
+    margin : float
+        Slack of the hinge² with ``side="upper"`` (default 0).
     """
 
     kind = "weight_sparsity"
@@ -937,6 +1082,32 @@ class LowRank(Constraint):
     Defect ``(g(w) − g(w*))²`` or, with ``side="upper"`` (no higher rank than ``w*``),
     ``max(0, g(w) − g(w*) − margin)²``; ``k = 1``. The exact numerical rank
     (``σ_i > rtol·σ_max``) is reported per draw.
+
+    Parameters
+    ----------
+    param : str
+        Name of one lifted weight (≥ 2 dims; flattened to ``[out, -1]``).
+    rank : int
+        Target rank ``r`` of ``"tail_energy"`` (default 1).
+    form : {"tail_energy", "nuclear", "effective_rank"}
+        The rank statistic ``g`` (default ``"tail_energy"``).
+    eps : float
+        Smoothing ε of ``"nuclear"`` and ``"effective_rank"`` (default 1e-3).
+    rtol : float
+        Relative threshold of the reported numerical rank (default 1e-3).
+    tolerance : float, optional
+        Absolute tolerance σ in units of ``g`` (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"low_rank:<param>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    side : {"two", "upper"}
+        ``"upper"``: no higher rank than ``w*`` (hinge²).
+    margin : float
+        Slack of the hinge² with ``side="upper"`` (default 0).
     """
 
     kind = "low_rank"
@@ -1020,7 +1191,24 @@ class Quantized(Constraint):
     ``D(w) = (1/k) Σ_i (Δ/π)² sin²(π w_i/Δ)``, a smooth stand-in for the squared distance
     to the grid (equal to it to second order near grid points). With ``tolerance=σ``,
     ``ρ D = Σ_i (Δ/π)² sin²(π w_i/Δ)/(2σ²)``. The exact fraction of weights within
-    ``Δ/10`` of the grid is reported.
+    ``Δ/10`` of the grid is reported. ``D(w*) ≠ 0`` unless ``w*`` lies on the grid
+    (family ``"grid"``).
+
+    Parameters
+    ----------
+    params : str or sequence of str
+        Glob patterns over lifted parameter names.
+    step : float
+        Grid spacing Δ > 0.
+    tolerance : float, optional
+        Absolute tolerance σ in weight units (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"quantized:<params>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
     """
 
     kind = "quantized"
@@ -1066,7 +1254,22 @@ class LossLevel(Constraint):
     """Microcanonical loss level (THEORY C9): ``D(w) = max(0, L_n(w) − L_n(w*) − ε)²``.
 
     ``k = 1``; with ``tolerance=σ`` (nats), ``ρ D = D/(2σ²)``. Usually choosing ``nβ``
-    (the precision-targeted temperature) is the better tool.
+    (the precision-targeted temperature) is the better tool. Always one-sided
+    (family ``"hinge"``).
+
+    Parameters
+    ----------
+    epsilon : float
+        Allowed loss rise ε ≥ 0 above ``L_n(w*)``, in nats.
+    tolerance : float, optional
+        Absolute tolerance σ in nats (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"loss_level"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
     """
 
     kind = "loss_level"
@@ -1100,6 +1303,24 @@ class Feature(Constraint):
     ``D(w) = (1/k)‖fn(view_w) − fn(view_{w*})‖²`` (or the hinge² with ``side="upper"``).
     ``fn`` must be differentiable in the lifted weights; it is checked for finite values
     and for depending on at least one lifted weight.
+
+    Parameters
+    ----------
+    fn : callable
+        ``view -> torch.Tensor``, differentiable in the lifted weights.
+    tolerance : float, optional
+        Absolute tolerance σ in the units of ``fn``'s output (``ρ = k/(2σ²)``).
+    strength : float, optional
+        Relative strength α in loss units (``ρ = nβ·α·N_c/n``). Give exactly one of
+        ``tolerance`` and ``strength``.
+    name : str, optional
+        Constraint name (default ``"feature:<fn.__name__>"``).
+    n_c : int, optional
+        ``N_c`` in the relative mode (default ``n``).
+    side : {"two", "upper"}
+        ``"upper"``: ``fn`` no larger than at ``w*`` (hinge²).
+    margin : float
+        Slack of the hinge² with ``side="upper"`` (default 0).
     """
 
     kind = "feature"

@@ -31,7 +31,7 @@ variance ``W`` is zero and neither R-hat nor the effective sample size is define
   such as ``rhat < 1.01`` fails rather than passing silently);
 * if the chains are stuck at *different* values, R-hat is ``inf`` (the limit
   ``B / W -> inf``), the clearest possible non-convergence signal;
-* the effective sample sizes and :func:`mcse_mean` are ``nan`` in both cases.
+* the effective sample sizes and ``mcse_mean`` are ``nan`` in both cases.
 
 No ``RuntimeWarning`` is emitted for such input.
 """
@@ -67,7 +67,7 @@ def _as_draws(x: ArrayLike, name: str = "x") -> NDArray[np.float64]:
     """Validate draws and return them as a float64 array of shape ``[chains, draws, K]``.
 
     The event dimensions are flattened into the last axis ``K``; use
-    :func:`_event_shape` to restore them.
+    ``_event_shape`` to restore them.
     """
     try:
         arr = np.asarray(x, dtype=np.float64)
@@ -378,7 +378,7 @@ def ess_tail(x: ArrayLike, prob: tuple[float, float] = (0.05, 0.95)) -> float | 
     Raises
     ------
     ValueError
-        For invalid draws (see :func:`ess_bulk`) or probabilities outside ``(0, 1)``.
+        For invalid draws (see ``ess_bulk``) or probabilities outside ``(0, 1)``.
 
     References
     ----------
@@ -402,7 +402,7 @@ def ess_basic(x: ArrayLike) -> float | NDArray[np.float64]:
 
     This is the ESS relevant to the Monte Carlo standard error of the *mean* of ``x``
     (Vehtari et al. 2021, Sec. 3.2, applied to split chains); it assumes a finite
-    variance.  Used by :func:`mcse_mean`.
+    variance.  Used by ``mcse_mean``.
 
     Parameters
     ----------
@@ -455,7 +455,7 @@ def mcse_mean(x: ArrayLike) -> float | NDArray[np.float64]:
 
 @dataclass(frozen=True)
 class VirialCheck:
-    """Result of :func:`virial_ratio`.
+    """Result of ``virial_ratio``.
 
     Attributes
     ----------
@@ -499,7 +499,7 @@ def virial_ratio(displacement_dot_grad: ArrayLike, d: int) -> VirialCheck:
     ------
     ValueError
         If ``d`` is not a positive integer, or ``v`` is not a valid ``[chains, draws]``
-        array (see :func:`mcse_mean`).
+        array (see ``mcse_mean``).
     """
     if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
         raise ValueError(f"d must be a positive integer (the dimension of w), got {d!r}")

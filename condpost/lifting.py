@@ -1,8 +1,8 @@
 """Lifting a ``torch.nn.Module``: parameter selection, flat vectors, functional forward, capture.
 
-The user's module is never mutated. :class:`LiftedNetwork` keeps detached copies of
+The user's module is never mutated. ``LiftedNetwork`` keeps detached copies of
 every parameter and buffer; the lifted parameters live in one flat vector ``w`` and
-the forward pass is :func:`torch.func.functional_call` on the module with those
+the forward pass is ``torch.func.functional_call`` on the module with those
 copies substituted. Activations at *sites* (module paths such as ``"layers.1"``) are
 captured with forward hooks that exist only during the call.
 """
@@ -217,7 +217,7 @@ class LiftedNetwork:
         }
 
     def flatten(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`unflatten` for unbatched parameter dicts."""
+        """Inverse of ``unflatten`` for unbatched parameter dicts."""
         return torch.cat([params[n].reshape(-1) for n in self.names])
 
     def slice_of(self, name: str) -> slice:

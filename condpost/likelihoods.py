@@ -22,7 +22,7 @@ __all__ = ["Likelihood", "Categorical", "Gaussian", "Bernoulli", "CustomNLL", "a
 
 
 class Likelihood:
-    """Base class. Subclasses implement :meth:`nll` (shape ``[n]``) and :meth:`observe`."""
+    """Base class. Subclasses implement ``nll`` (shape ``[n]``) and ``observe``."""
 
     name = "likelihood"
 

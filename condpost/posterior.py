@@ -8,7 +8,7 @@
 with ``L_n`` the mean per-sample NLL, ``nβ`` the inverse temperature times ``n``
 (default ``n/log n``, THEORY §1.4), ``γ`` the localization and ``ρ_c D_c`` the
 preserved-feature factors (THEORY §2). The potential ``U(w)`` is written once in
-torch; the Pyro model form (:meth:`LocalPosterior.model`) is built from the public
+torch; the Pyro model form (``LocalPosterior.model``) is built from the public
 primitives, and both give the same log density.
 """
 
@@ -48,8 +48,9 @@ class LocalPosterior:
     localization : float
         γ > 0, precision of the local prior ``N(w*, γ⁻¹ I)``. Required: there is no
         zero default.
-    include, exclude : glob patterns over ``named_parameters()`` names
-        Which parameters are lifted (default: all); the rest stay at ``w*``. Lifting a
+    include, exclude : str or sequence of str, optional
+        Glob patterns over ``net.named_parameters()`` names (or module paths) selecting
+        which parameters are lifted (default: all); the rest stay at ``w*``. Lifting a
         subset is the weight-refined setting (THEORY C10).
     dtype : torch.dtype, optional
         Computation dtype (default: the network's). Use ``torch.float64`` for exact tests.
@@ -214,7 +215,7 @@ class LocalPosterior:
     def log_density(self, w: torch.Tensor) -> torch.Tensor:
         """``−U(w)`` plus the local prior's normaliser ``(d/2) log(γ/2π)``.
 
-        This equals the log joint of the Pyro model form (:meth:`model`), constants
+        This equals the log joint of the Pyro model form (``model``), constants
         included, so the two can be compared to float precision.
         """
         return -self.potential(w) + 0.5 * self.d * math.log(self.localization / (2 * math.pi))
@@ -230,7 +231,7 @@ class LocalPosterior:
 
         Sample sites ``"net.<param>"`` (local prior), the tempered likelihood site
         ``"y"`` inside ``plate("data")``, and one factor ``"constraint/<name>"`` per
-        constraint. Its log joint equals :meth:`log_density` at the same weights.
+        constraint. Its log joint equals ``log_density`` at the same weights.
         """
         f = lift("net", self.lifted, localization=self.localization)
         out = f(self.x)
@@ -435,14 +436,19 @@ class LocalPosterior:
         progress: bool = True,
         **kwargs,
     ):
-        """Sample the posterior and return a :class:`~condpost.ReferenceClass`.
+        """Sample the posterior and return a ``ReferenceClass``.
 
         Parameters
         ----------
         method : {"nuts", "hmc"}
             Sampler. NUTS is full-batch (THEORY §1.5).
-        chains, warmup, draws : int
-            Chains run one after another, each started at ``w*``.
+        chains : int
+            Number of chains (default 4). They run one after another, each started at
+            ``w*``.
+        warmup : int
+            Warmup (adaptation) iterations per chain, discarded (default 1000).
+        draws : int
+            Kept draws per chain (default 1000).
         seed : int
             Seed; each chain gets an independent stream derived from it.
         backend : {"pyro"}
@@ -492,14 +498,16 @@ class LocalPosterior:
         progress: bool = True,
         **kwargs,
     ):
-        """Variational fit; returns an :class:`~condpost.infer.svi.SVIResult` with ``.sample(n)``.
+        """Variational fit; returns an ``SVIResult`` with ``.sample(n)``.
 
         Parameters
         ----------
         guide : {"normal", "lowrank", "mvn"}
             Mean-field, low-rank-plus-diagonal, or full-covariance Gaussian, started at ``w*``.
-        steps, lr : int, float
-            Adam steps and initial learning rate (decayed 100× over the run).
+        steps : int
+            Number of Adam steps (default 2000).
+        lr : float
+            Initial learning rate (default 0.01), decayed 100× over the run.
         """
         if method.lower() != "svi":
             raise ValueError(f"fit method={method!r} is not available; choose 'svi'")

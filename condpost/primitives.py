@@ -2,7 +2,7 @@
 
 They compose with Pyro's own handlers (``trace``, ``condition``, ``block``, ``scale``,
 ``substitute``) because each is an ordinary sample/factor statement or a small
-:class:`~pyro.poutine.messenger.Messenger` that does one job.
+``pyro.poutine.messenger.Messenger`` that does one job.
 
 Example
 -------
@@ -94,7 +94,7 @@ def check_localization(localization) -> float:
 class LiftedFunction:
     """The network with its lifted parameters bound to sampled values.
 
-    Calling it runs the functional forward pass. It is returned by :func:`lift`.
+    Calling it runs the functional forward pass. It is returned by ``lift``.
     """
 
     def __init__(self, name: str, lifted: LiftedNetwork, params: dict[str, torch.Tensor]) -> None:
@@ -168,7 +168,13 @@ def lift(
         The trained network.
     localization : float
         γ > 0, the precision of the local prior.
-    include, exclude : glob patterns over ``named_parameters()`` names.
+    include, exclude : str or sequence of str, optional
+        Glob patterns over ``net.named_parameters()`` names (or module paths) selecting
+        the lifted parameters (default: all); the others stay constants at ``w*``.
+    center : tensor or mapping, optional
+        Override for ``w*`` (default: the module's current weights).
+    dtype : torch.dtype, optional
+        Dtype of the lifted weights (default: the network's).
 
     Returns
     -------
@@ -191,8 +197,8 @@ def lift(
 class TemperMessenger(Messenger):
     """Scale the log-likelihood of *observed* sites by ``β = nβ/n``, and nothing else.
 
-    Unlike :class:`pyro.poutine.scale`, latent sites (the local prior) and
-    ``constraint/*`` factor sites made by :func:`preserve` are left unscaled even when
+    Unlike ``pyro.poutine.scale``, latent sites (the local prior) and
+    ``constraint/*`` factor sites made by ``preserve`` are left unscaled even when
     they sit inside the context, so the target is exactly
     ``exp(−nβ L_n(w) − γ/2‖w − w*‖² − Σ ρ_c D_c)``.
     """
@@ -248,7 +254,7 @@ def preserve(
     * ``strength=α`` and ``nbeta``: log-factor ``−nβ·α·D`` (relative mode, ``N_c = n``);
     * or a ready ``log_factor`` (``−ρ D`` of any defect family).
 
-    The site is never scaled by :func:`temper`. Returns the log-factor.
+    The site is never scaled by ``temper``. Returns the log-factor.
     """
     if log_factor is None:
         if value is None or target is None:
@@ -280,7 +286,7 @@ def preserve(
 def capture(f: LiftedFunction | nn.Module, sites: str | Sequence[str]) -> Iterator[dict]:
     """Record the outputs of ``sites`` (module paths) during calls inside the context.
 
-    Works on a :class:`LiftedFunction` from :func:`lift` or on a plain module (for
+    Works on a ``LiftedFunction`` from ``lift`` or on a plain module (for
     example to compute targets at ``w*``). Yields a dict ``site → tensor`` filled by
     the last call.
     """
@@ -304,7 +310,7 @@ def capture(f: LiftedFunction | nn.Module, sites: str | Sequence[str]) -> Iterat
 def init_to_center(net=None, *, fallback: Callable | None = init_to_median):
     """Pyro init strategy: lifted sites start at (a clone of) ``w*``.
 
-    Sites created by :func:`lift` carry their centre; other sites use ``fallback``.
+    Sites created by ``lift`` carry their centre; other sites use ``fallback``.
     Values are cloned, so optimisers can never write into ``w*``. The optional
     ``net`` argument is accepted for readability (``init_to_center(net)``).
     """

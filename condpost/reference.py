@@ -147,7 +147,7 @@ class PreservationReport:
 class ReferenceClass:
     """Draws from a (conditioned) tempered local posterior: the reference class of programs.
 
-    Build it with :meth:`LocalPosterior.sample` or :meth:`SVIResult.sample`; do not
+    Build it with ``LocalPosterior.sample`` or ``SVIResult.sample``; do not
     call the constructor directly.
     """
 
@@ -343,7 +343,7 @@ class ReferenceClass:
 
         Rows: ``L_n``, each constraint's defect, and per lifted parameter tensor the
         worst coordinate (max R-hat, min ESS). Problems are listed in plain words and,
-        with ``warn_user``, emitted as :class:`~condpost.SamplerWarning`.
+        with ``warn_user``, emitted as ``SamplerWarning``.
         """
         from .diagnostics import ess_bulk, ess_tail, mcse_mean, split_rhat, virial_ratio
 
@@ -470,7 +470,7 @@ class ReferenceClass:
           RMS deviation within the tolerance);
         * ``exact:<stat>``: the mean of the exact discrete statistic behind a surrogate
           (fraction active, true zero count, numerical rank, fraction on the grid), with
-          ``exact:<stat>@w*`` its value at ``w*``;
+          its 5% and 95% quantiles over draws in ``exact:<stat>:q05`` / ``exact:<stat>:q95``;
         * with a paired ``unconstrained`` run (same network, no constraint): ``shrinkage``
           ``E_C[D_c]/E_0[D_c]`` and ``loss_cost`` ``Δ_c = E_C[L_n] − E_0[L_n]``.
         """
@@ -575,7 +575,7 @@ class ReferenceClass:
 
     @classmethod
     def load(cls, path: str | Path, *, posterior: LocalPosterior | None = None) -> ReferenceClass:
-        """Read a file written by :meth:`save` (never unpickles)."""
+        """Read a file written by ``save`` (never unpickles)."""
         path = Path(path)
         if not zipfile.is_zipfile(path):
             raise ValueError(

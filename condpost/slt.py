@@ -25,11 +25,22 @@ class LLC:
         Monte Carlo standard error of ``mean`` from the effective sample size of L_n.
     per_chain : numpy.ndarray
         λ̂ of each chain.
-    nbeta, localization : float
-        The (nβ, γ) at which it was measured; λ̂ is meaningful only with them.
+    nbeta : float
+        The inverse temperature nβ at which it was measured; λ̂ is meaningful only
+        with it and γ.
+    localization : float
+        The localization γ at which it was measured.
+    n : int
+        Number of training samples behind ``L_n``.
+    loss_center : float
+        ``L_n(w*)``, the reference loss subtracted from ``E[L_n]``.
     constrained : bool
         True if constraints were active: then this is the constrained loss part
         ``λ̂_{L|C}``, not a learning coefficient (THEORY §3.1.2).
+    method : str
+        The sampler that produced the draws (``"nuts"``, ``"hmc"``, ``"svi"``).
+    notes : tuple of str
+        Caveats attached to the estimate (e.g. that SVI draws under-disperse).
     """
 
     mean: float
@@ -69,7 +80,7 @@ def llc_from_losses(
     method: str = "nuts",
     warn_negative: bool = True,
 ) -> LLC:
-    """Compute :class:`LLC` from per-draw losses ``[chains, draws]``."""
+    """Compute ``LLC`` from per-draw losses ``[chains, draws]``."""
     from .diagnostics import mcse_mean
 
     L = np.asarray(losses, dtype=np.float64)

@@ -73,7 +73,7 @@ class SVIResult:
         return d.covariance_matrix
 
     def sample(self, n: int = 1000, *, seed: int = 0):
-        """Draw ``n`` independent samples into a :class:`~condpost.ReferenceClass`."""
+        """Draw ``n`` independent samples into a ``ReferenceClass``."""
         from ..reference import ReferenceClass
 
         if int(n) != n or n < 4:
