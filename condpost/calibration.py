@@ -97,9 +97,10 @@ def calibrate(
     estimates each feature's unconstrained covariance ``V_c`` from the pilot draws,
     solves ``(1/k) Σ v_i/(v_i + σ²) = b*`` for σ, and returns a new posterior whose
     constraints carry the result in relative form, ``strength = α = k/(2σ² nβ)`` (so it
-    transfers across nβ). When the pilot has fewer draws than twice the feature
-    dimension, ``V_c`` is replaced by its isotropic part ``tr(V_c)/k`` (stated in
-    ``post.calibration``). Only Gaussian-family constraints (two-sided defects, CKA)
+    transfers across nβ). ``V_c`` is the pilot's sample covariance (its spectrum from
+    the draws' Gram matrix when there are fewer draws than feature dimensions, so at
+    most ``S − 1`` directions count as free: a longer pilot is needed for high
+    targets). Only Gaussian-family constraints (two-sided defects, CKA)
     are calibrated; others are kept as declared, with a warning.
 
     Parameters
@@ -161,13 +162,13 @@ def calibrate(
         else:
             Fc = F - F.mean(0, keepdim=True)
             S, k = Fc.shape
-            if S >= 2 * k:
+            if S > k:
                 v = torch.linalg.eigvalsh(Fc.T @ Fc / (S - 1)).numpy()
                 method = "eigen"
-            else:
-                tr = float((Fc * Fc).sum() / (S - 1))
-                v = np.full(k, tr / k)
-                method = "isotropic"
+            else:  # the sample covariance's non-zero spectrum, from the S×S Gram matrix
+                lam = torch.linalg.eigvalsh(Fc @ Fc.T / (S - 1)).numpy()
+                v = np.concatenate([lam, np.zeros(k - S)])
+                method = "eigen-gram"
         sigma2 = solve_tolerance(v, target_binding)
         k = bound.k
         alpha = k / (2.0 * sigma2 * post.nbeta)

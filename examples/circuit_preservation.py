@@ -33,15 +33,19 @@ import condpost as cp
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 2, generator=g, dtype=torch.float64) * 4 - 2
-    y = torch.sin(2 * x[:, :1]) * x[:, 1:] + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * x[:, :1]) * x[:, 1:] + 0.1 * torch.randn(
+        n, 1, generator=g, dtype=torch.float64
+    )
     return x, y
 
 
 def train(x, y, hidden=6, seed=0) -> torch.nn.Module:
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
-        torch.nn.Linear(2, hidden), torch.nn.Tanh(),
-        torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+        torch.nn.Linear(2, hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.Tanh(),
         torch.nn.Linear(hidden, 1),
     ).double()
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
@@ -50,8 +54,13 @@ def train(x, y, hidden=6, seed=0) -> torch.nn.Module:
         loss = ((net(x) - y) ** 2).mean()
         loss.backward()
         opt.step()
-    lbfgs = torch.optim.LBFGS(net.parameters(), max_iter=2000, tolerance_grad=1e-10,
-                              tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS(
+        net.parameters(),
+        max_iter=2000,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         lbfgs.zero_grad()
@@ -81,8 +90,9 @@ def main(argv=None) -> dict:
     x, y = make_data(200, seed=0)
     net = train(x, y)
     probes = make_data(16, seed=1)[0]
-    print(f"trained 2-6-6-1 tanh MLP, train RMSE "
-          f"{float(((net(x) - y) ** 2).mean().sqrt()):.3f} ({time.perf_counter() - t0:.1f}s)")
+    with torch.no_grad():
+        rmse = float(((net(x) - y) ** 2).mean().sqrt())
+    print(f"trained 2-6-6-1 tanh MLP, train RMSE {rmse:.3f} ({time.perf_counter() - t0:.1f}s)")
 
     def declare(*constraints):
         post = cp.LocalPosterior(net, (x, y), cp.Gaussian(scale=0.1), localization=10.0)
@@ -92,8 +102,14 @@ def main(argv=None) -> dict:
 
     circuit = cp.CircuitMap("1", "3", probes, interventions="resample", tolerance=0.05)
     sparsity = cp.ActivationSparsity("1", probes, surrogate="l1", tolerance=0.01)
-    kw = dict(chains=chains, warmup=warmup, draws=draws, seed=0, progress=not args.quick,
-              max_tree_depth=7 if args.quick else 10)
+    kw = dict(
+        chains=chains,
+        warmup=warmup,
+        draws=draws,
+        seed=0,
+        progress=not args.quick,
+        max_tree_depth=7 if args.quick else 10,
+    )
     refs = {
         "unconstrained": declare().sample("nuts", **kw),
         "circuit": declare(circuit).sample("nuts", **kw),
@@ -119,8 +135,10 @@ def main(argv=None) -> dict:
     info = next(iter(cal.calibration.values()))
     ref_cal = cal.sample("nuts", **kw)
     b = ref_cal.preservation(warn_user=False).rows[0]["binding"]
-    print(f"\n== calibrate(target_binding=0.5): σ = {info['sigma']:.4g} ({info['method']}), "
-          f"strength α = {info['strength']:.4g}; achieved binding {b:.3f}")
+    print(
+        f"\n== calibrate(target_binding=0.5): σ = {info['sigma']:.4g} ({info['method']}), "
+        f"strength α = {info['strength']:.4g}; achieved binding {b:.3f}"
+    )
 
     if args.out:
         import matplotlib
@@ -131,7 +149,12 @@ def main(argv=None) -> dict:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         names = list(spreads)
         pos = np.arange(len(names))
-        ax.bar(pos - 0.2, [spreads[n][0] for n in names], 0.4, label="preserved: circuit output (site 3)")
+        ax.bar(
+            pos - 0.2,
+            [spreads[n][0] for n in names],
+            0.4,
+            label="preserved: circuit output (site 3)",
+        )
         ax.bar(pos + 0.2, [spreads[n][1] for n in names], 0.4, label="free: first layer (site 1)")
         ax.set_xticks(pos, names)
         ax.set_ylabel("RMS posterior sd on probes")

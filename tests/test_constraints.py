@@ -22,7 +22,9 @@ def _mlp(act=torch.nn.Tanh, seed=0):
 
 def _data(n=40, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(
+        0, 4, (n,), generator=g
+    )
 
 
 def _catalogue(x):
@@ -53,8 +55,9 @@ def _catalogue(x):
 
 
 def _post(x, y, constraints=(), **kw):
-    post = cp.LocalPosterior(_mlp(), (x, y), cp.Categorical(), nbeta=20.0, localization=2.0,
-                             check_center=False, **kw)
+    post = cp.LocalPosterior(
+        _mlp(), (x, y), cp.Categorical(), nbeta=20.0, localization=2.0, check_center=False, **kw
+    )
     for c in constraints:
         post.preserve(c)
     return post
@@ -83,7 +86,9 @@ def test_every_surrogate_gradient_matches_finite_differences():
                 h = 1e-7
                 with torch.no_grad():
                     e = torch.eye(post.d, dtype=torch.float64) * h
-                    num = torch.stack([(f(w + e[j]) - f(w - e[j])) / (2 * h) for j in range(post.d)])
+                    num = torch.stack(
+                        [(f(w + e[j]) - f(w - e[j])) / (2 * h) for j in range(post.d)]
+                    )
                 assert num.abs().max() < 1e-4, b.name
                 continue
             assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-8, rtol=1e-4), b.name
@@ -123,8 +128,9 @@ def test_defects_vanish_or_are_minimal_at_center_and_no_nan():
 
 
 @pytest.mark.parametrize("sv", [[1.0, 1.0, 1.0, 0.5, 0.0], [2.0, 1.0, 1.0, 0.0, 0.0], [0.0] * 5])
-@pytest.mark.parametrize("form,rank", [("tail_energy", 1), ("tail_energy", 2), ("nuclear", 1),
-                                       ("effective_rank", 1)])
+@pytest.mark.parametrize(
+    "form,rank", [("tail_energy", 1), ("tail_energy", 2), ("nuclear", 1), ("effective_rank", 1)]
+)
 def test_low_rank_gradients_finite_at_repeated_and_zero_singular_values(sv, form, rank):
     net = _mlp()
     q1, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
@@ -132,8 +138,9 @@ def test_low_rank_gradients_finite_at_repeated_and_zero_singular_values(sv, form
     with torch.no_grad():
         net[2].weight.copy_(q1 @ torch.diag(torch.tensor(sv, dtype=torch.float64)) @ q2[:5])
     x, y = _data()
-    post = cp.LocalPosterior(net, (x, y), cp.Categorical(), localization=1.0, include="2.weight",
-                             check_center=False)
+    post = cp.LocalPosterior(
+        net, (x, y), cp.Categorical(), localization=1.0, include="2.weight", check_center=False
+    )
     if form == "tail_energy" and sum(sv) == 0:
         pass
     post.preserve(cp.LowRank("2.weight", rank=rank, form=form, tolerance=0.1))
@@ -170,8 +177,14 @@ def test_circuit_map_with_upstream_frozen_equals_activations():
 
 def _lg_with_activation(prob, sigma, probes):
     net = linear_net(prob)
-    post = cp.LocalPosterior(net, (prob.X, prob.Y), cp.Gaussian(scale=prob.s), nbeta=prob.nbeta,
-                             localization=prob.gamma, check_center=False)
+    post = cp.LocalPosterior(
+        net,
+        (prob.X, prob.Y),
+        cp.Gaussian(scale=prob.s),
+        nbeta=prob.nbeta,
+        localization=prob.gamma,
+        check_center=False,
+    )
     post.preserve(cp.Activations("", probes, tolerance=sigma))
     C = np.kron(np.eye(prob.k), probes.numpy())
     prob.constraints = [(C, C @ prob.w_star, sigma)]
@@ -181,7 +194,9 @@ def _lg_with_activation(prob, sigma, probes):
 @pytest.mark.parametrize("target_b", [0.1, 0.5, 0.9])
 def test_binding_ratio_matches_exact(target_b):
     prob = make_problem(seed=1)
-    probes = torch.randn(2, prob.din, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    probes = torch.randn(
+        2, prob.din, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     # choose σ from the exact unconstrained covariance so that b spans 0.1 … 0.9
     C = np.kron(np.eye(prob.k), probes.numpy())
     _, S0 = prob.posterior()
@@ -201,7 +216,9 @@ def test_binding_ratio_matches_exact(target_b):
 
 def test_sensitivity_matches_closed_form_derivative():
     prob = make_problem(seed=1, perturb=0.05)
-    probes = torch.randn(2, prob.din, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    probes = torch.randn(
+        2, prob.din, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     sigma = 0.1
     post, C = _lg_with_activation(prob, sigma, probes)
     k = C.shape[0]
@@ -230,7 +247,9 @@ def test_sensitivity_matches_closed_form_derivative():
 def test_sensitivity_matches_two_run_finite_difference():
     """The issue's check: two separate runs at ρ ± h, difference of means, within MC error."""
     prob = make_problem(seed=1, perturb=0.05)
-    probes = torch.randn(2, prob.din, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    probes = torch.randn(
+        2, prob.din, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     k = 2 * prob.k
     sig = 0.1
     rho = k / (2 * sig**2)
@@ -253,7 +272,9 @@ def test_sensitivity_matches_two_run_finite_difference():
 
 def test_calibrate_reaches_target_binding_on_linear_gaussian():
     prob = make_problem(seed=2)
-    probes = torch.randn(3, prob.din, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    probes = torch.randn(
+        3, prob.din, generator=torch.Generator().manual_seed(8), dtype=torch.float64
+    )
     post, C = _lg_with_activation(prob, 1.0, probes)
     cal = cp.calibrate(post, target_binding=0.5, chains=2, warmup=300, draws=800, seed=1)
     info = cal.calibration[post.constraints[0].name]
@@ -265,7 +286,8 @@ def test_calibrate_reaches_target_binding_on_linear_gaussian():
     _, S0 = make_problem(seed=2).posterior()
     exact_sigma = math.sqrt(
         __import__("condpost.calibration", fromlist=["x"]).solve_tolerance(
-            np.linalg.eigvalsh(C @ S0 @ C.T), 0.5)
+            np.linalg.eigvalsh(C @ S0 @ C.T), 0.5
+        )
     )
     assert info["sigma"] == pytest.approx(exact_sigma, rel=0.15)
 
@@ -285,8 +307,14 @@ def test_preservation_reports_exact_statistics_and_paired_run():
     # exact fraction active recomputed by hand at one draw
     w = torch.as_tensor(ref.flat()[0, 7])
     with torch.no_grad():
-        a = torch.relu(torch.nn.functional.linear(x[:8], *[post.lifted.unflatten(w)[k] for k in ("0.weight", "0.bias")]))
-    assert ref.stat("exact/sparsity:1/fraction_active")[0, 7] == pytest.approx(float((a > 0).double().mean()))
+        a = torch.relu(
+            torch.nn.functional.linear(
+                x[:8], *[post.lifted.unflatten(w)[k] for k in ("0.weight", "0.bias")]
+            )
+        )
+    assert ref.stat("exact/sparsity:1/fraction_active")[0, 7] == pytest.approx(
+        float((a > 0).double().mean())
+    )
     assert 0 <= sp["exact:fraction_active"] <= 1
     assert rep["low_rank:2.weight"]["exact:numerical_rank"] == pytest.approx(5.0)
     assert "shrinkage" in sp and "loss_cost" in sp and np.isfinite(sp["shrinkage"])
@@ -311,10 +339,13 @@ def test_bad_constraint_input():
     with pytest.raises(ValueError, match="non-finite"):
         post.preserve(cp.Feature(lambda v: v.output(x[:3]) / 0.0, tolerance=0.1))
     with pytest.raises(ValueError, match="does not depend on any lifted parameter"):
-        post.preserve(cp.Feature(lambda v: x[:3].sum() * torch.ones(2, dtype=torch.float64),
-                                 tolerance=0.1))
+        post.preserve(
+            cp.Feature(lambda v: x[:3].sum() * torch.ones(2, dtype=torch.float64), tolerance=0.1)
+        )
     with pytest.raises(ValueError, match="interventions tensor has shape"):
-        post.preserve(cp.CircuitMap("1", "3", x[:3], interventions=torch.zeros(3, 2), tolerance=0.1))
+        post.preserve(
+            cp.CircuitMap("1", "3", x[:3], interventions=torch.zeros(3, 2), tolerance=0.1)
+        )
     with pytest.raises(ValueError, match="not a parameter name"):
         post.preserve(cp.LowRank("2.wieght", tolerance=0.1))
     with pytest.raises(ValueError, match="needs a matrix"):
@@ -333,7 +364,8 @@ def test_bad_constraint_input():
         def forward(self, z):
             return self.pair(self.lin(z))[0]
 
-    p2 = cp.LocalPosterior(Net().double(), (x, y), cp.Categorical(), localization=1.0,
-                           check_center=False)
+    p2 = cp.LocalPosterior(
+        Net().double(), (x, y), cp.Categorical(), localization=1.0, check_center=False
+    )
     with pytest.raises(TypeError, match="not a tensor"):
         p2.preserve(cp.Activations("pair", x[:3], tolerance=0.1))

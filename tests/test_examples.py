@@ -41,3 +41,17 @@ def test_pyro_primitives_example_parity():
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("max |log joint"))
     assert float(line.split("=")[-1]) < 1e-8
+
+
+def test_circuit_preservation_example_quick(tmp_path):
+    out = tmp_path / "plot.png"
+    r = subprocess.run(
+        [sys.executable, "examples/circuit_preservation.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "shrinkage" in r.stdout and "achieved binding" in r.stdout
+    assert out.stat().st_size > 1000

@@ -103,7 +103,11 @@ def test_module_never_mutated_by_any_call():
     x, y = _data()
     snap = _snapshot(net)
     post = cp.LocalPosterior(
-        net, (x, y), cp.Categorical(), localization=2.0, include=["head.*", "blocks.1.mlp.2.*"],
+        net,
+        (x, y),
+        cp.Categorical(),
+        localization=2.0,
+        include=["head.*", "blocks.1.mlp.2.*"],
         check_center=False,
     )
     post.preserve(cp.Activations("blocks.1", x[:4], tolerance=0.1))

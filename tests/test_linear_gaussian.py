@@ -66,7 +66,7 @@ def test_nuts_matches_exact_posterior(constrained, perturb):
     w0 = prob.w_star.copy()
     net, post = _declare(prob, constrained)
     before = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    ref = post.sample("nuts", chains=4, warmup=400, draws=2000, seed=3, progress=False)
+    ref = post.sample("nuts", chains=4, warmup=300, draws=1600, seed=3, progress=False)
     mu, Sigma = prob.posterior()
     W = ref.flat()  # [C, S, d]
     flat = W.reshape(-1, prob.d)
