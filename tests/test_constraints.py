@@ -8,9 +8,9 @@ import arviz as az
 import numpy as np
 import pytest
 import torch
+from analytic import linear_net, make_problem
 
 import condpost as cp
-from analytic import linear_net, make_problem
 
 
 def _mlp(act=torch.nn.Tanh, seed=0):
