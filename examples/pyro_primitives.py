@@ -57,7 +57,7 @@ def main(quick: bool = False) -> None:
         worst = max(worst, abs(float(tr.log_prob_sum() - post.log_density(w))))
     print(f"max |log joint (hand-written Pyro) − log_density (declarative)| = {worst:.2e}")
 
-    steps = 100 if quick else 500
+    steps = 50 if quick else 500
     mcmc = pyro.infer.MCMC(
         pyro.infer.NUTS(model, init_strategy=cp.init_to_center()),
         num_samples=steps,

@@ -32,7 +32,7 @@ def fitted():
     opt.step(closure)
     post = cp.LocalPosterior(net, (x, y), cp.Gaussian(scale=0.1), localization=10.0, include="2.*")
     post.preserve(cp.Activations("2", x[:6], tolerance=0.05))
-    ref = post.sample("nuts", chains=2, warmup=200, draws=150, seed=7, progress=False)
+    ref = post.sample("nuts", chains=2, warmup=120, draws=100, seed=7, progress=False)
     return net, x, post, ref
 
 
@@ -40,7 +40,7 @@ def test_weights_layout(fitted):
     net, x, post, ref = fitted
     w = ref.weights()
     assert list(w) == ["2.weight", "2.bias"]
-    assert w["2.weight"].shape == (2, 150, 1, 5) and w["2.bias"].shape == (2, 150, 1)
+    assert w["2.weight"].shape == (2, 100, 1, 5) and w["2.bias"].shape == (2, 100, 1)
     flat = ref.flat()
     assert np.array_equal(flat[1, 3, :5], w["2.weight"][1, 3].reshape(-1))
 
@@ -49,7 +49,7 @@ def test_activations_and_predict_match_direct_forward(fitted):
     net, x, post, ref = fitted
     probes = x[:4]
     acts = ref.activations(probes, ["0", "2"])
-    assert acts["0"].shape == (300, 4, 5) and acts["2"].shape == (300, 4, 1)
+    assert acts["0"].shape == (200, 4, 5) and acts["2"].shape == (200, 4, 1)
     # draw 17 of chain 1 by direct functional forward
     from torch.func import functional_call
 
@@ -57,8 +57,8 @@ def test_activations_and_predict_match_direct_forward(fitted):
     params = dict(net.named_parameters())
     params.update(wd)
     out = functional_call(net, params, (probes,))
-    assert torch.allclose(acts["2"][150 + 17], out, atol=1e-12)
-    assert torch.allclose(ref.predict(probes)[150 + 17], out, atol=1e-12)
+    assert torch.allclose(acts["2"][100 + 17], out, atol=1e-12)
+    assert torch.allclose(ref.predict(probes)[100 + 17], out, atol=1e-12)
     # only the head is lifted: the first layer's activations are identical across draws
     assert torch.allclose(acts["0"], acts["0"][:1].expand_as(acts["0"]))
     single = ref.activations(probes, "2")
@@ -115,7 +115,7 @@ def test_save_load_roundtrip_without_pickle(fitted, tmp_path):
 def test_to_arviz(fitted):
     _, _, _, ref = fitted
     idata = ref.to_arviz()
-    assert idata.posterior["2.weight"].shape == (2, 150, 1, 5)
+    assert idata.posterior["2.weight"].shape == (2, 100, 1, 5)
     assert bool(idata.sample_stats["diverging"].sum() == ref.diverging.sum())
     assert idata.posterior.attrs["nbeta"] == pytest.approx(ref.nbeta)
 
