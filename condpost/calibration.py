@@ -139,8 +139,9 @@ def calibrate(
             raise ValueError(f"calibrate: unknown constraint(s) {unknown}; declared: {names}")
     if pilot is None:
         base = post._replace(constraints=[])
-        pilot = base.sample("nuts", chains=chains, warmup=warmup, draws=draws, seed=seed,
-                            progress=progress)
+        pilot = base.sample(
+            "nuts", chains=chains, warmup=warmup, draws=draws, seed=seed, progress=progress
+        )
     W = torch.as_tensor(pilot.flat().reshape(-1, post.d), dtype=post.dtype, device=post.device)
     new_specs, report = [], {}
     for spec, bound in zip(specs, post._bound, strict=True):
@@ -149,8 +150,10 @@ def calibrate(
             new_specs.append(spec)
             continue
         if bound.family not in ("gaussian", "cka"):
-            warn(f"calibrate: {bound.name!r} has a {bound.family} defect; its strength is kept",
-                 ConstraintWarning)
+            warn(
+                f"calibrate: {bound.name!r} has a {bound.family} defect; its strength is kept",
+                ConstraintWarning,
+            )
             new_specs.append(spec)
             continue
         F = _feature_draws(post, bound, W).to(torch.float64)
@@ -176,9 +179,14 @@ def calibrate(
         new.tolerance, new.strength, new.n_c = None, alpha, None
         new.name = bound.name
         new_specs.append(new)
-        report[bound.name] = {"sigma": math.sqrt(sigma2), "strength": alpha,
-                              "target_binding": target_binding, "method": method,
-                              "trace_V": float(np.sum(v)), "k": k}
+        report[bound.name] = {
+            "sigma": math.sqrt(sigma2),
+            "strength": alpha,
+            "target_binding": target_binding,
+            "method": method,
+            "trace_V": float(np.sum(v)),
+            "k": k,
+        }
     out = post._replace(constraints=new_specs)
     out.calibration = report
     return out
@@ -217,7 +225,7 @@ def _observable(ref: ReferenceClass, observable) -> np.ndarray:
         if observable == "loss":
             return ref.loss()
         if observable.startswith("defect:"):
-            return ref.defects()[observable[len("defect:"):]]
+            return ref.defects()[observable[len("defect:") :]]
         raise ValueError(f"observable string must be 'loss' or 'defect:<name>'; got {observable!r}")
     if callable(observable):
         post = ref._need_posterior("sensitivity with a callable observable")
@@ -227,7 +235,9 @@ def _observable(ref: ReferenceClass, observable) -> np.ndarray:
         return vals.numpy().reshape(shape)
     arr = np.asarray(observable, dtype=np.float64)
     if arr.shape != shape:
-        raise ValueError(f"observable array must have shape [chains, draws] = {shape}; got {arr.shape}")
+        raise ValueError(
+            f"observable array must have shape [chains, draws] = {shape}; got {arr.shape}"
+        )
     return arr
 
 
@@ -260,7 +270,9 @@ def sensitivity(ref: ReferenceClass, observable, knob: str, *, wrt: str = "rho")
     else:
         defects = ref.defects()
         if knob not in defects:
-            raise ValueError(f"knob must be 'nbeta' or a constraint name {list(defects)}; got {knob!r}")
+            raise ValueError(
+                f"knob must be 'nbeta' or a constraint name {list(defects)}; got {knob!r}"
+            )
         V = defects[knob]
         cfg = next(c for c in ref.config["constraints"] if c["name"] == knob)
         if wrt == "rho":

@@ -75,9 +75,7 @@ class ForwardView:
             return self._params[name]
         if name in self._lifted.frozen:
             return self._lifted.frozen[name]
-        raise KeyError(
-            f"no parameter {name!r}; nearest: {nearest(name, self._lifted.all_names)}"
-        )
+        raise KeyError(f"no parameter {name!r}; nearest: {nearest(name, self._lifted.all_names)}")
 
     def _run(self, probes: torch.Tensor, extra: Sequence[str] = ()):
         key = id(probes)
@@ -320,7 +318,9 @@ def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> No
     for i, w0 in enumerate(points):
         w = w0.clone().requires_grad_(True)
         with torch.enable_grad():
-            view = ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w, loss_fn=post.loss)
+            view = ForwardView(
+                post.lifted, post.lifted.unflatten(w), plan, flat=w, loss_fn=post.loss
+            )
             f = bound.feature(view)
             g = None
             if f.requires_grad:
@@ -330,7 +330,9 @@ def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> No
             structural = True
             break
         if i == 0 and not bool(torch.isfinite(g).all()):
-            raise ValueError(f"constraint {bound.name!r}: the feature's gradient at w* is not finite")
+            raise ValueError(
+                f"constraint {bound.name!r}: the feature's gradient at w* is not finite"
+            )
         if bool((g != 0).any()):
             return
     msg = (
@@ -376,7 +378,9 @@ def _linear_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     Yc = Y - Y.mean(0, keepdim=True)
     K, L = Xc @ Xc.T, Yc @ Yc.T
     eps = torch.finfo(X.dtype).tiny
-    return (K * L).sum() / ((K * K).sum().clamp_min(eps).sqrt() * (L * L).sum().clamp_min(eps).sqrt())
+    return (K * L).sum() / (
+        (K * K).sum().clamp_min(eps).sqrt() * (L * L).sum().clamp_min(eps).sqrt()
+    )
 
 
 class Activations(Constraint):
@@ -422,11 +426,20 @@ class Activations(Constraint):
     kind = "activations"
 
     def __init__(
-        self, site: str, probes, tolerance=None, strength=None, name=None, n_c=None,
-        measure: str = "mse", side: str = "two", margin: float = 0.0,
+        self,
+        site: str,
+        probes,
+        tolerance=None,
+        strength=None,
+        name=None,
+        n_c=None,
+        measure: str = "mse",
+        side: str = "two",
+        margin: float = 0.0,
     ):
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side,
-                         margin=margin)
+        super().__init__(
+            tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side, margin=margin
+        )
         if not isinstance(site, str):
             raise TypeError(f"Activations: site must be a module path (str); got {site!r}")
         if measure not in ("mse", "cka"):
@@ -456,12 +469,17 @@ class Activations(Constraint):
     def _defect(self, bound, view):
         if self.measure == "cka":
             a = self._feature(bound, view)
-            return 1.0 - _linear_cka(a.reshape(a.shape[0], -1), bound.target.reshape(a.shape[0], -1))
+            return 1.0 - _linear_cka(
+                a.reshape(a.shape[0], -1), bound.target.reshape(a.shape[0], -1)
+            )
         return super()._defect(bound, view)
 
     def _config(self):
-        return {"site": self.site, "m": int(torch.as_tensor(self.probes).shape[0]),
-                "measure": self.measure}
+        return {
+            "site": self.site,
+            "m": int(torch.as_tensor(self.probes).shape[0]),
+            "measure": self.measure,
+        }
 
 
 def _activation_at_center(post, probes: torch.Tensor, site: str) -> torch.Tensor:
@@ -533,16 +551,7 @@ class WeightZeroPattern(Constraint):
 
     def _prepare(self, post, bound):
         lifted = post.lifted
-        try:
-            names = match_patterns(self.params, lifted.names, "WeightZeroPattern(params)")
-        except ValueError:
-            frozen_hits = match_patterns(self.params, lifted.all_names, "WeightZeroPattern(params)")
-            raise ValueError(
-                f"WeightZeroPattern(params={self.params!r}) matches only parameters that are not "
-                f"lifted ({frozen_hits[:5]}); frozen weights cannot move, so the constraint would "
-                f"do nothing. Lift them with include=..., or pick among the lifted parameters: "
-                f"{nearest(str(self.params), lifted.names)}"
-            ) from None
+        names = _lifted_slices(post, self.params, "WeightZeroPattern(params)")
         idx = []
         for nm in names:
             sl = lifted.slice_of(nm)
@@ -624,12 +633,23 @@ class CircuitMap(Constraint):
     kind = "circuit"
 
     def __init__(
-        self, source: str, target: str, probes, interventions="clean", tolerance=None,
-        strength=None, name=None, n_c=None, seed: int = 0, side: str = "two",
+        self,
+        source: str,
+        target: str,
+        probes,
+        interventions="clean",
+        tolerance=None,
+        strength=None,
+        name=None,
+        n_c=None,
+        seed: int = 0,
+        side: str = "two",
     ):
         super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side)
         if not (isinstance(interventions, str) or isinstance(interventions, torch.Tensor)):
-            raise TypeError("CircuitMap: interventions must be 'clean', 'resample', 'mean' or a tensor")
+            raise TypeError(
+                "CircuitMap: interventions must be 'clean', 'resample', 'mean' or a tensor"
+            )
         if isinstance(interventions, str) and interventions not in ("clean", "resample", "mean"):
             raise ValueError(
                 f"CircuitMap: interventions must be 'clean', 'resample', 'mean' or a tensor; "
@@ -693,7 +713,9 @@ class CircuitMap(Constraint):
         bound.k = bound.target.numel()
 
     def _feature(self, bound, view):
-        return view.patched(bound.probes, bound.state["source"], bound.state["inject"], bound.sites[0])
+        return view.patched(
+            bound.probes, bound.state["source"], bound.state["inject"], bound.sites[0]
+        )
 
     def _config(self):
         iv = self.interventions if isinstance(self.interventions, str) else "tensor"
@@ -731,8 +753,9 @@ class Outputs(Constraint):
 
     kind = "outputs"
 
-    def __init__(self, probes, tolerance=None, strength=None, kl: float | None = None,
-                 name=None, n_c=None):
+    def __init__(
+        self, probes, tolerance=None, strength=None, kl: float | None = None, name=None, n_c=None
+    ):
         if kl is not None:
             if tolerance is not None or strength is not None:
                 raise ValueError("Outputs: give kl=α alone (KL mode), or tolerance/strength")
@@ -830,11 +853,22 @@ class ActivationSparsity(Constraint):
 
     kind = "activation_sparsity"
 
-    def __init__(self, site: str, probes, surrogate: str = "sigmoid", tau: float | None = None,
-                 tolerance=None, strength=None, side: str = "two", margin: float = 0.0,
-                 name=None, n_c=None):
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
-                         side=side, margin=margin)
+    def __init__(
+        self,
+        site: str,
+        probes,
+        surrogate: str = "sigmoid",
+        tau: float | None = None,
+        tolerance=None,
+        strength=None,
+        side: str = "two",
+        margin: float = 0.0,
+        name=None,
+        n_c=None,
+    ):
+        super().__init__(
+            tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side, margin=margin
+        )
         if surrogate not in ("sigmoid", "l1", "hoyer"):
             raise ValueError(f"surrogate must be 'sigmoid', 'l1' or 'hoyer'; got {surrogate!r}")
         if tau is not None and not _is_pos_finite(tau):
@@ -906,8 +940,17 @@ class FiringPattern(Constraint):
     kind = "firing_pattern"
     family = "bernoulli"
 
-    def __init__(self, site: str, probes, tau: float | None = None, tolerance=None,
-                 strength=None, side: str = "two", name=None, n_c=None):
+    def __init__(
+        self,
+        site: str,
+        probes,
+        tau: float | None = None,
+        tolerance=None,
+        strength=None,
+        side: str = "two",
+        name=None,
+        n_c=None,
+    ):
         super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side)
         if tau is not None and not _is_pos_finite(tau):
             raise ValueError(f"tau must be positive; got {tau!r}")
@@ -942,11 +985,20 @@ class FiringPattern(Constraint):
     def _exact(self, bound, view):
         a = view.activation(bound.probes, bound.sites[0])
         fire = (a > 0).to(a.dtype)
-        return {"pattern_match": (fire == bound.target).to(a.dtype).mean(),
-                "fraction_active": fire.mean()}
+        return {
+            "pattern_match": (fire == bound.target).to(a.dtype).mean(),
+            "fraction_active": fire.mean(),
+        }
 
     def _config(self):
         return {"site": self.site, "tau": self.tau}
+
+
+def _flat_index(post, names) -> torch.Tensor:
+    """Positions of the named lifted parameters in the flat vector w."""
+    return torch.cat(
+        [torch.arange(post.lifted.slice_of(n).start, post.lifted.slice_of(n).stop) for n in names]
+    )
 
 
 def _lifted_slices(post, params, argname):
@@ -954,10 +1006,7 @@ def _lifted_slices(post, params, argname):
     try:
         return match_patterns(params, lifted.names, argname)
     except ValueError:
-        try:
-            hits = match_patterns(params, lifted.all_names, argname)
-        except ValueError:
-            raise
+        hits = match_patterns(params, lifted.all_names, argname)
         raise ValueError(
             f"{argname}={params!r} matches only parameters that are not lifted ({hits[:5]}); "
             f"frozen weights cannot move. Lift them with include=..., or pick among the lifted "
@@ -1006,15 +1055,26 @@ class WeightSparsity(Constraint):
 
     kind = "weight_sparsity"
 
-    def __init__(self, params, form: str = "smoothed_l1", eps: float = 1e-2,
-                 threshold: float | None = None, tolerance=None, strength=None,
-                 side: str = "two", margin: float = 0.0, name=None, n_c=None):
+    def __init__(
+        self,
+        params,
+        form: str = "smoothed_l1",
+        eps: float = 1e-2,
+        threshold: float | None = None,
+        tolerance=None,
+        strength=None,
+        side: str = "two",
+        margin: float = 0.0,
+        name=None,
+        n_c=None,
+    ):
         if form not in ("zero_pattern", "smoothed_l1", "smoothed_l0"):
             raise ValueError(
                 f"form must be 'zero_pattern', 'smoothed_l1' or 'smoothed_l0'; got {form!r}"
             )
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
-                         side=side, margin=margin)
+        super().__init__(
+            tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side, margin=margin
+        )
         if not _is_pos_finite(eps):
             raise ValueError(f"eps must be positive; got {eps!r}")
         if form == "zero_pattern" and threshold is None:
@@ -1022,8 +1082,9 @@ class WeightSparsity(Constraint):
         self.params, self.form, self.eps = params, form, float(eps)
         self.threshold = threshold
         if form == "zero_pattern":
-            self._zp = WeightZeroPattern(params, threshold, tolerance=tolerance,
-                                         strength=strength, name=name, n_c=n_c)
+            self._zp = WeightZeroPattern(
+                params, threshold, tolerance=tolerance, strength=strength, name=name, n_c=n_c
+            )
 
     def _default_name(self):
         p = self.params if isinstance(self.params, str) else ",".join(self.params)
@@ -1034,8 +1095,7 @@ class WeightSparsity(Constraint):
             self._zp._prepare(post, bound)
             return
         names = _lifted_slices(post, self.params, "WeightSparsity(params)")
-        idx = torch.cat([torch.arange(post.lifted.slice_of(n).start, post.lifted.slice_of(n).stop)
-                         for n in names])
+        idx = _flat_index(post, names)
         bound.state["index"], bound.state["params"] = idx, names
         bound.k = 1
         bound.target = self._g(post.center[idx]).detach()
@@ -1063,8 +1123,12 @@ class WeightSparsity(Constraint):
         return {"zero_count": (w.abs() < thr).sum().to(w.dtype)}
 
     def _config(self):
-        return {"params": self.params, "form": self.form, "eps": self.eps,
-                "threshold": self.threshold}
+        return {
+            "params": self.params,
+            "form": self.form,
+            "eps": self.eps,
+            "threshold": self.threshold,
+        }
 
 
 class LowRank(Constraint):
@@ -1112,11 +1176,23 @@ class LowRank(Constraint):
 
     kind = "low_rank"
 
-    def __init__(self, param: str, rank: int = 1, form: str = "tail_energy", eps: float = 1e-3,
-                 rtol: float = 1e-3, tolerance=None, strength=None, side: str = "two",
-                 margin: float = 0.0, name=None, n_c=None):
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
-                         side=side, margin=margin)
+    def __init__(
+        self,
+        param: str,
+        rank: int = 1,
+        form: str = "tail_energy",
+        eps: float = 1e-3,
+        rtol: float = 1e-3,
+        tolerance=None,
+        strength=None,
+        side: str = "two",
+        margin: float = 0.0,
+        name=None,
+        n_c=None,
+    ):
+        super().__init__(
+            tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side, margin=margin
+        )
         if form not in ("tail_energy", "nuclear", "effective_rank"):
             raise ValueError(
                 f"form must be 'tail_energy', 'nuclear' or 'effective_rank'; got {form!r}"
@@ -1144,14 +1220,18 @@ class LowRank(Constraint):
         shape = lifted.shapes[lifted.names.index(self.param)]
         if len(shape) < 2:
             raise ValueError(f"LowRank needs a matrix; {self.param!r} has shape {tuple(shape)}")
-        if self.form == "tail_energy" and self.rank >= min(shape[0], int(torch.Size(shape[1:]).numel())):
+        if self.form == "tail_energy" and self.rank >= min(
+            shape[0], int(torch.Size(shape[1:]).numel())
+        ):
             raise ValueError(
                 f"LowRank(rank={self.rank}) ≥ the matrix's smallest dimension {min(shape)}: the "
                 f"tail energy is identically zero"
             )
         bound.state["shape"] = tuple(shape)
         bound.k = 1
-        bound.target = self._g(self._matrix(post.lifted.unflatten(post.center)[self.param])).detach()
+        bound.target = self._g(
+            self._matrix(post.lifted.unflatten(post.center)[self.param])
+        ).detach()
 
     @staticmethod
     def _matrix(W):
@@ -1226,8 +1306,7 @@ class Quantized(Constraint):
 
     def _prepare(self, post, bound):
         names = _lifted_slices(post, self.params, "Quantized(params)")
-        idx = torch.cat([torch.arange(post.lifted.slice_of(n).start, post.lifted.slice_of(n).stop)
-                         for n in names])
+        idx = _flat_index(post, names)
         bound.state["index"] = idx
         bound.k = int(idx.numel())
         bound.target = None
@@ -1275,8 +1354,9 @@ class LossLevel(Constraint):
     kind = "loss_level"
 
     def __init__(self, epsilon: float, tolerance=None, strength=None, name=None, n_c=None):
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
-                         side="upper", margin=0.0)
+        super().__init__(
+            tolerance=tolerance, strength=strength, name=name, n_c=n_c, side="upper", margin=0.0
+        )
         if not (float(epsilon) >= 0):
             raise ValueError(f"LossLevel: epsilon must be ≥ 0; got {epsilon!r}")
         self.epsilon = float(epsilon)
@@ -1325,10 +1405,19 @@ class Feature(Constraint):
 
     kind = "feature"
 
-    def __init__(self, fn: Callable, tolerance=None, strength=None, name=None, n_c=None,
-                 side: str = "two", margin: float = 0.0):
-        super().__init__(tolerance=tolerance, strength=strength, name=name, n_c=n_c,
-                         side=side, margin=margin)
+    def __init__(
+        self,
+        fn: Callable,
+        tolerance=None,
+        strength=None,
+        name=None,
+        n_c=None,
+        side: str = "two",
+        margin: float = 0.0,
+    ):
+        super().__init__(
+            tolerance=tolerance, strength=strength, name=name, n_c=n_c, side=side, margin=margin
+        )
         if not callable(fn):
             raise TypeError("Feature: fn must be callable (view -> tensor)")
         self.fn = fn

@@ -271,6 +271,3 @@ class LiftedNetwork:
 
     def named_center(self) -> dict[str, torch.Tensor]:
         return {n: t.clone() for n, t in self.unflatten(self.center).items()}
-
-    def site_names(self) -> list[str]:
-        return [n for n, _ in self.net.named_modules() if n]

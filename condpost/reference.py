@@ -490,9 +490,15 @@ class ReferenceClass:
             D = defects[nm]
             k, rho = cfg["k"], cfg["rho"]
             tau = k / (2 * rho)
-            row: dict[str, Any] = {"constraint": nm, "kind": cfg["kind"], "family": cfg["family"],
-                                   "k": k, "rho": rho, "tolerance": cfg.get("tolerance"),
-                                   "strength": cfg.get("strength")}
+            row: dict[str, Any] = {
+                "constraint": nm,
+                "kind": cfg["kind"],
+                "family": cfg["family"],
+                "k": k,
+                "rho": rho,
+                "tolerance": cfg.get("tolerance"),
+                "strength": cfg.get("strength"),
+            }
             row["defect_mean"] = float(D.mean())
             if cfg["family"] in ("gaussian", "hinge", "cka", "grid"):
                 b = 2 * rho * D / k
@@ -515,7 +521,9 @@ class ReferenceClass:
             if cfg.get("num_zero") is not None:
                 row["num_zero"] = cfg["num_zero"]
             if D0 is not None:
-                row["shrinkage"] = float(D.mean() / D0[nm].mean()) if D0[nm].mean() > 0 else float("nan")
+                row["shrinkage"] = (
+                    float(D.mean() / D0[nm].mean()) if D0[nm].mean() > 0 else float("nan")
+                )
                 row["loss_cost"] = float(self.loss().mean() - L0.mean())
             b = row.get("binding")
             if b is not None and b < 0.05:

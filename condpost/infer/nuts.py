@@ -65,38 +65,30 @@ def run_pyro_mcmc(
         counter["grads"] += 1
         return post.potential(z["w"])
 
+    kw = dict(
+        potential_fn=potential_fn,
+        target_accept_prob=target_accept,
+        adapt_step_size=bool(adapt_step_size),
+        adapt_mass_matrix=bool(adapt_mass_matrix),
+        full_mass=bool(dense_mass),
+    )
+    if step_size is not None:
+        kw["step_size"] = float(step_size)
+
+    def make_kernel():
+        if method == "nuts":
+            return NUTS(max_tree_depth=int(max_tree_depth), **kw)
+        return HMC(num_steps=int(num_steps or 16), **kw)
+
     seeds = chain_seeds(seed, chains)
-    out = torch.empty(chains, draws, post.d, dtype=post.dtype, device=post.device)
-    diverging = np.zeros((chains, draws), dtype=bool)
-    step_sizes = np.zeros(chains)
-    accept = np.zeros(chains)
     prev_threads = torch.get_num_threads()
     if num_threads is not None:
         # small networks on CPU: one intra-op thread is often several times faster
         torch.set_num_threads(int(num_threads))
     t0 = time.perf_counter()
     try:
-        _run_chains(
-            post,
-            method,
-            chains,
-            warmup,
-            draws,
-            seeds,
-            progress,
-            potential_fn,
-            out,
-            diverging,
-            step_sizes,
-            accept,
-            target_accept,
-            max_tree_depth,
-            dense_mass,
-            step_size,
-            num_steps,
-            init_jitter,
-            adapt_step_size,
-            adapt_mass_matrix,
+        out, diverging, step_sizes, accept = _run_chains(
+            post, make_kernel, method, warmup, draws, seeds, progress, init_jitter
         )
     finally:
         torch.set_num_threads(prev_threads)
@@ -136,44 +128,17 @@ def run_pyro_mcmc(
     return ReferenceClass.from_draws(post, out, settings=settings, sample_stats=info)
 
 
-def _run_chains(
-    post,
-    method,
-    chains,
-    warmup,
-    draws,
-    seeds,
-    progress,
-    potential_fn,
-    out,
-    diverging,
-    step_sizes,
-    accept,
-    target_accept,
-    max_tree_depth,
-    dense_mass,
-    step_size,
-    num_steps,
-    init_jitter,
-    adapt_step_size,
-    adapt_mass_matrix,
-):
+def _run_chains(post, make_kernel, method, warmup, draws, seeds, progress, init_jitter):
+    """Run one kernel per seed from w*; returns draws, divergence flags, step sizes, accept."""
+    chains = len(seeds)
+    out = torch.empty(chains, draws, post.d, dtype=post.dtype, device=post.device)
+    diverging = np.zeros((chains, draws), dtype=bool)
+    step_sizes = np.zeros(chains)
+    accept = np.zeros(chains)
     for c in range(chains):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds[c])
-            kw = dict(
-                potential_fn=potential_fn,
-                target_accept_prob=target_accept,
-                adapt_step_size=bool(adapt_step_size),
-                adapt_mass_matrix=bool(adapt_mass_matrix),
-                full_mass=bool(dense_mass),
-            )
-            if step_size is not None:
-                kw["step_size"] = float(step_size)
-            if method == "nuts":
-                kernel = NUTS(max_tree_depth=int(max_tree_depth), **kw)
-            else:
-                kernel = HMC(num_steps=int(num_steps or 16), **kw)
+            kernel = make_kernel()
             w0 = post.center.clone()
             if init_jitter > 0:
                 w0 = w0 + init_jitter * torch.randn_like(w0)
@@ -207,3 +172,4 @@ def _run_chains(
             step_sizes[c] = float(kernel.step_size)
             accept[c] = float(kernel._mean_accept_prob)
             kernel.cleanup()
+    return out, diverging, step_sizes, accept
