@@ -76,9 +76,18 @@ def test_nuts_matches_exact_posterior(constrained, perturb):
     se = sd / np.sqrt(ess)
     err = np.abs(flat.mean(0) - mu)
     assert np.all(err <= 4 * se), f"mean error / se = {err / se}"
-    cov = np.cov(flat.T)
-    rel = np.linalg.norm(cov - Sigma) / np.linalg.norm(Sigma)
-    assert rel <= 0.05, f"covariance relative Frobenius error {rel:.4f}"
+    # covariance entry by entry: Σ_ij is the mean of (w_i − μ_i)(w_j − μ_j), so its Monte
+    # Carlo SE is the SD of that product over √ESS of the product (second moments mix more
+    # slowly than means under NUTS). 21 entries at 4.5 SE: a false alarm rate of ~1e-4.
+    Z = W - mu  # [C, S, d], centred at the exact mean
+    iu = np.triu_indices(prob.d)
+    z_scores = []
+    for i, j in zip(*iu):
+        prod = Z[..., i] * Z[..., j]
+        se_ij = prod.std() / np.sqrt(float(az.ess(prod, method="mean")))
+        z_scores.append((prod.mean() - Sigma[i, j]) / se_ij)
+    z_scores = np.abs(np.array(z_scores))
+    assert z_scores.max() <= 4.5, f"covariance error / se = {np.round(z_scores, 2)}"
     # E[nβ ΔL], computed from the draws with NumPy (not with condpost's loss)
     dl = np.array([prob.nbeta_L(w) for w in flat]) - prob.nbeta_L(prob.w_star)
     exact = prob.expected_nbeta_dL()
