@@ -27,6 +27,8 @@ from .lifting import LiftedNetwork
 from .likelihoods import Likelihood, as_likelihood
 from .primitives import check_localization, lift, preserve, resolve_nbeta, temper
 
+SGMCMC_METHODS = ("sgld", "rmsprop_sgld", "sghmc")
+
 __all__ = ["LocalPosterior"]
 
 
@@ -440,8 +442,9 @@ class LocalPosterior:
 
         Parameters
         ----------
-        method : {"nuts", "hmc"}
-            Sampler. NUTS is full-batch (THEORY §1.5).
+        method : {"nuts", "hmc", "sgld", "rmsprop_sgld", "sghmc"}
+            Sampler. NUTS/HMC are full-batch (THEORY §1.5); the SG-MCMC methods use
+            minibatches and vectorized chains (``condpost.infer.sgmcmc``).
         chains : int
             Number of chains (default 4). They run one after another, each started at
             ``w*``.
@@ -451,8 +454,10 @@ class LocalPosterior:
             Kept draws per chain (default 1000).
         seed : int
             Seed; each chain gets an independent stream derived from it.
-        backend : {"pyro"}
-            Executor.
+        backend : {"pyro", "numpyro"}
+            Executor for NUTS/HMC: Pyro on torch, or NumPyro on the potential exported to
+            JAX (``condpost.export``; needs ``pip install condpost[jax]``). SG-MCMC methods
+            run on torch.
         progress : bool
             Show a progress bar.
         **kwargs
@@ -463,29 +468,46 @@ class LocalPosterior:
             faster for small networks on CPU; default: leave torch's setting alone).
         """
         method = method.lower()
-        if method not in ("nuts", "hmc"):
-            raise ValueError(
-                f"method={method!r} is not available; choose 'nuts' or 'hmc' (use .fit('svi') for "
-                f"variational inference)"
-            )
-        if backend != "pyro":
-            raise ValueError(f"backend={backend!r} is not available; choose 'pyro'")
         for arg, v, lo in (("chains", chains, 1), ("draws", draws, 1), ("warmup", warmup, 0)):
             if int(v) != v or v < lo:
                 raise ValueError(f"{arg} must be an integer ≥ {lo}; got {v!r}")
-        from .infer.nuts import run_pyro_mcmc
-
-        res = run_pyro_mcmc(
-            self,
-            method=method,
+        common = dict(
             chains=int(chains),
             warmup=int(warmup),
             draws=int(draws),
             seed=int(seed),
             progress=progress,
-            **kwargs,
         )
-        return res
+        if method in ("nuts", "hmc"):
+            if backend == "pyro":
+                from .infer.nuts import run_pyro_mcmc
+
+                return run_pyro_mcmc(self, method=method, **common, **kwargs)
+            if backend in ("numpyro", "jax"):
+                from .infer.numpyro import run_numpyro_mcmc
+
+                return run_numpyro_mcmc(self, method=method, **common, **kwargs)
+            raise ValueError(
+                f"backend={backend!r} is not available for method={method!r}; choose 'pyro' or "
+                f"'numpyro'"
+            )
+        if method in SGMCMC_METHODS:
+            if backend not in ("pyro", "torch"):
+                raise ValueError(
+                    f"backend={backend!r} is not available for method={method!r}; SG-MCMC runs "
+                    f"on torch (backend='torch')"
+                )
+            from .infer.sgmcmc import run_sgmcmc
+
+            return run_sgmcmc(self, method=method, **common, **kwargs)
+        from ._errors import nearest
+
+        known = ["nuts", "hmc", *SGMCMC_METHODS]
+        raise ValueError(
+            f"method={method!r} is not available; choose one of {known}"
+            + (f" (did you mean {nearest(method, known)}?)" if nearest(method, known) else "")
+            + " (use .fit('svi') for variational inference)"
+        )
 
     def fit(
         self,
@@ -495,6 +517,7 @@ class LocalPosterior:
         steps: int = 2000,
         seed: int = 0,
         lr: float = 0.01,
+        backend: str = "pyro",
         progress: bool = True,
         **kwargs,
     ):
@@ -511,6 +534,14 @@ class LocalPosterior:
         """
         if method.lower() != "svi":
             raise ValueError(f"fit method={method!r} is not available; choose 'svi'")
+        if backend in ("numpyro", "jax"):
+            from .infer.numpyro import run_numpyro_svi
+
+            return run_numpyro_svi(
+                self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs
+            )
+        if backend != "pyro":
+            raise ValueError(f"backend={backend!r} is not available; choose 'pyro' or 'numpyro'")
         from .infer.svi import run_svi
 
         return run_svi(
