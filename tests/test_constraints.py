@@ -290,6 +290,41 @@ def test_calibrate_reaches_target_binding_on_linear_gaussian():
     assert info["sigma"] == pytest.approx(exact_sigma, rel=0.15)
 
 
+def test_calibrate_refine_corrects_a_misestimated_spectrum():
+    """A pilot whose spread is 2× too wide (4× the covariance) misleads the spectrum rule;
+    one constrained refinement run measures the binding and corrects σ to the exact one."""
+    from condpost.calibration import solve_tolerance
+
+    prob = make_problem(seed=2)
+    probes = torch.randn(
+        3, prob.din, generator=torch.Generator().manual_seed(8), dtype=torch.float64
+    )
+    post, C = _lg_with_activation(prob, 1.0, probes)
+    mu0, S0 = make_problem(seed=2).posterior()  # the unconstrained exact law
+    rng = np.random.default_rng(0)
+    Wp = rng.multivariate_normal(mu0, 4.0 * S0, size=(2, 1500))
+    pilot = cp.ReferenceClass.from_draws(
+        post._replace(constraints=[]), torch.as_tensor(Wp), settings={"method": "exact"}
+    )
+    v = np.linalg.eigvalsh(C @ S0 @ C.T)
+    exact_sigma = math.sqrt(solve_tolerance(v, 0.5))
+    name = post.constraints[0].name
+    plain = cp.calibrate(post, target_binding=0.5, pilot=pilot).calibration[name]
+    assert plain["sigma"] > 1.6 * exact_sigma  # the bad pilot alone is far off (≈2×)
+    cal = cp.calibrate(
+        post, target_binding=0.5, pilot=pilot, refine=2, tol=0.05, warmup=300, draws=800, seed=1
+    )
+    info = cal.calibration[name]
+    assert "refined" in info["method"] and len(info["history"]) >= 1
+    # first measured binding: exact value at the pilot's σ (b is a mean of k=6 ratios, each
+    # draw's defect is a χ²-type variable; 800×2 draws put its SE near 0.02)
+    s0, b0 = info["history"][0]
+    b0_exact = float(np.mean(v / (v + s0**2)))
+    assert abs(b0 - b0_exact) <= 0.08, (b0, b0_exact)
+    # after the correction σ is the exact one up to the MC error of the measured binding
+    assert info["sigma"] == pytest.approx(exact_sigma, rel=0.15), (info, exact_sigma)
+
+
 def test_preservation_reports_exact_statistics_and_paired_run():
     x, y = _data(60)
     net = _mlp(torch.nn.ReLU)
