@@ -205,18 +205,67 @@ class ReferenceClass:
             posterior=post,
         )
 
+    @classmethod
+    def from_stats(
+        cls,
+        post: LocalPosterior,
+        draws: np.ndarray | None,
+        stats: dict[str, np.ndarray],
+        *,
+        settings: dict,
+        store: str | None = None,
+    ) -> ReferenceClass:
+        """Build from per-draw statistics measured by the sampler (SG-MCMC).
+
+        ``draws`` is ``[chains, draws, d]`` (a NumPy array or a read-only memory map of a
+        run store), or None when the weights were not kept. ``stats`` holds ``loss``
+        (the sampler's ``L_n`` estimate per measured draw), ``virial`` and any other
+        ``[chains, ·]`` arrays; nothing is re-evaluated here.
+        """
+        stats = dict(stats)
+        C = next(iter(stats.values())).shape[0]
+        S = int(settings.get("draws", stats["virial"].shape[1]))
+        stats.setdefault("sampler/diverging", np.zeros((C, S), dtype=bool))
+        ref = cls(
+            draws=draws,
+            stats=stats,
+            center=post.center.detach().cpu().numpy(),
+            config=post.config(),
+            settings=settings,
+            posterior=post,
+        )
+        ref.store = store
+        return ref
+
+    store: str | None = None
+
     # ------------------------------------------------------------------ basic access
     @property
     def chains(self) -> int:
+        if self._draws is None:
+            return int(self._stats["virial"].shape[0])
         return int(self._draws.shape[0])
 
     @property
     def num_draws(self) -> int:
+        if self._draws is None:
+            return int(self._stats["virial"].shape[1])
         return int(self._draws.shape[1])
 
     @property
     def d(self) -> int:
+        if self._draws is None:
+            return int(self.config["d"])
         return int(self._draws.shape[2])
+
+    def _need_draws(self, what: str) -> np.ndarray:
+        if self._draws is None:
+            raise RuntimeError(
+                f"{what} needs the weights of the draws, but this run kept only per-draw "
+                f"statistics (keep_draws=False). Sample again with keep_draws=True (with "
+                f"store=... for large networks)."
+            )
+        return self._draws
 
     @property
     def nbeta(self) -> float:
@@ -233,16 +282,17 @@ class ReferenceClass:
 
     def flat(self) -> np.ndarray:
         """All draws as ``[chain, draw, d]`` in the lifted-vector layout."""
-        return self._draws
+        return self._need_draws("flat()")
 
     def weights(self) -> dict[str, np.ndarray]:
         """Lifted parameters by name, each ``[chain, draw, *shape]``."""
+        draws = self._need_draws("weights()")
         names = self.config["lifted"]["names"]
         shapes = self.config["lifted"]["shapes"]
         out, off = {}, 0
         for nm, shp in zip(names, shapes, strict=True):
             k = int(np.prod(shp)) if shp else 1
-            out[nm] = self._draws[:, :, off : off + k].reshape(self.chains, self.num_draws, *shp)
+            out[nm] = draws[:, :, off : off + k].reshape(self.chains, self.num_draws, *shp)
             off += k
         return out
 
@@ -286,7 +336,10 @@ class ReferenceClass:
 
     def _map_draws(self, fn, chunk: int = 128, max_draws: int | None = None):
         post = self._need_posterior("this")
-        W = torch.as_tensor(self._draws.reshape(-1, self.d), dtype=post.dtype, device=post.device)
+        draws = self._need_draws("this analysis")
+        W = torch.as_tensor(
+            np.asarray(draws).reshape(-1, self.d), dtype=post.dtype, device=post.device
+        )
         if max_draws is not None and W.shape[0] > max_draws:
             idx = torch.linspace(0, W.shape[0] - 1, max_draws).round().long()
             W = W[idx]
@@ -338,12 +391,14 @@ class ReferenceClass:
         return self._map_draws(lambda w: post.lifted.forward(w, p), max_draws=max_draws)
 
     # ------------------------------------------------------------------ diagnostics
-    def summary(self, *, warn_user: bool = True) -> Summary:
+    def summary(self, *, warn_user: bool = True, weights: bool | None = None) -> Summary:
         """R-hat, bulk/tail ESS, divergences and the virial check (THEORY §5.2).
 
         Rows: ``L_n``, each constraint's defect, and per lifted parameter tensor the
         worst coordinate (max R-hat, min ESS). Problems are listed in plain words and,
-        with ``warn_user``, emitted as ``SamplerWarning``.
+        with ``warn_user``, emitted as ``SamplerWarning``. ``weights=False`` skips the
+        per-parameter rows (default: skipped when the draws were not kept or are read
+        from a run store with more than 10⁸ numbers).
         """
         from .diagnostics import ess_bulk, ess_tail, mcse_mean, split_rhat, virial_ratio
 
@@ -363,7 +418,12 @@ class ReferenceClass:
         rows.append(scalar_row("L_n", self.loss()))
         for nm, v in self.defects().items():
             rows.append(scalar_row(f"D[{nm}]", v))
-        for nm, arr in self.weights().items():
+        if weights is None:
+            weights = self._draws is not None and (
+                not isinstance(self._draws, np.memmap)
+                or self.chains * self.num_draws * self.d <= 10**8
+            )
+        for nm, arr in (self.weights() if weights else {}).items():
             x = arr.reshape(self.chains, self.num_draws, -1)
             rh, eb, et = split_rhat(x), ess_bulk(x), ess_tail(x)
             rows.append(
@@ -388,7 +448,11 @@ class ReferenceClass:
                 f"lengthen warmup, loosen tolerances or increase localization."
             )
         worst_rhat = max((r["r_hat"] for r in rows if not np.isnan(r["r_hat"])), default=1.0)
-        stuck = [c for c in range(self.chains) if np.all(self._draws[c] == self._draws[c, :1])]
+        stuck = (
+            [c for c in range(self.chains) if np.all(self._draws[c] == self._draws[c, :1])]
+            if weights
+            else []
+        )
         if stuck:
             msgs.append(
                 f"chain(s) {stuck} never moved: every proposal was rejected. The step size is far "
@@ -436,12 +500,27 @@ class ReferenceClass:
             warnings=msgs,
         )
 
-    def llc(self, *, warn_user: bool = True) -> LLC:
+    def llc(self, *, warn_user: bool = True, estimator: str | None = None) -> LLC:
         """``λ̂ = nβ (E[L_n] − L_n(w*))`` with mean, std over chains and MC standard error.
 
         Warns when λ̂ is negative (w* is not a local minimum; THEORY §4.2's gap
         formula). With constraints it is the constrained loss part ``λ̂_{L|C}``.
+
+        For SG-MCMC runs the per-draw ``L_n`` is the sampler's estimator (see
+        ``settings["loss_estimator"]``; ``estimator="full"`` uses the full-data losses
+        recorded with ``full_loss_every``), the baseline's standard error (if it was
+        estimated from batches) is added to the reported one, and the run's diagnostics
+        (loss trace below ``L_n(w*)``, drift, chains' disagreement, localization
+        dominance) are attached as notes and warned about in plain words.
         """
+        if self.settings.get("backend") == "torch" and self.settings.get("method") in (
+            "sgld",
+            "rmsprop_sgld",
+            "sghmc",
+        ):
+            from .slt import llc_sgmcmc
+
+            return llc_sgmcmc(self, estimator=estimator, warn_user=warn_user)
         return llc_from_losses(
             self.loss(),
             self.config["loss_center"],
@@ -572,7 +651,9 @@ class ReferenceClass:
     def save(self, path: str | Path) -> Path:
         """Write draws, per-draw statistics and all metadata to ``path`` (npz, no pickle)."""
         path = Path(path)
-        arrays = {"draws": self._draws, "center": self.center}
+        arrays = {"center": self.center}
+        if self._draws is not None:
+            arrays["draws"] = np.asarray(self._draws)
         for k, v in self._stats.items():
             arrays[f"stat:{k}"] = v
         meta = json.dumps(self._metadata(), default=_json_default)
@@ -595,7 +676,7 @@ class ReferenceClass:
             meta = json.loads(str(z["metadata"]))
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
-            draws = z["draws"]
+            draws = z["draws"] if "draws" in z.files else None
             center = z["center"]
             stats = {k[len("stat:") :]: z[k] for k in z.files if k.startswith("stat:")}
         ref = cls(

@@ -1,0 +1,866 @@
+"""Stochastic-gradient MCMC on the local potential, with chains vectorized by ``torch.func``.
+
+All three samplers target ``π(w) ∝ e^{−U(w)}`` with the potential (THEORY §1.5)
+
+.. math::
+
+    U(w) = n\\beta\\,L_n(w) + \\tfrac{\\gamma}{2}\\|w-w^*\\|^2 + \\sum_c \\rho_c D_c(w),
+
+and replace ``L_n`` by the mean loss ``L_B`` on a minibatch ``B`` of ``m`` samples drawn
+*with replacement* (so each batch is independent of the current weights). Constraints
+are evaluated full-batch on their fixed probes. Writing ``g = ∇U_B(w)`` and ``ξ ~ N(0, I)``:
+
+* ``sgld`` (Welling & Teh 2011; devinterp's convention, THEORY §1.5):
+  ``w' = w − (ε/2) g + √ε ξ``.
+* ``rmsprop_sgld`` (preconditioned SGLD, Li, Chen, Carlson & Carin 2016, AAAI,
+  "Preconditioned stochastic gradient Langevin dynamics for deep neural networks"):
+  ``V' = α V + (1 − α) g⊙g``, ``G = 1/(δ + √V̂)`` with the bias-corrected
+  ``V̂ = V'/(1 − α^t)``, and ``w' = w − (ε/2) G⊙g + √(εG)⊙ξ``. The correction term Γ of
+  Li et al. is dropped, as in their practical algorithm. By default the preconditioner
+  adapts during warmup only and is frozen while draws are kept, which makes the kept
+  chain an exact (up to O(ε)) Langevin discretisation with a constant diagonal metric.
+* ``sghmc`` (Chen, Fox & Guestrin 2014, ICML, "Stochastic gradient Hamiltonian Monte
+  Carlo", eq. 15, with β̂ = 0): ``v' = (1 − α) v − η g + √(2αη) ξ``, ``w' = w + v'``;
+  ``η`` is ``step_size`` and ``α`` is ``friction``. With ``friction=1`` it is SGLD with
+  ``ε = 2η``.
+
+Chains are a ``[chains, d]`` weight batch pushed through
+``torch.func.vmap(torch.func.grad_and_value(U_B))`` over a functional call of the
+network, each chain with its own minibatch. Frozen parameters are constants of the
+functional call: they get no gradient. Every chain has its own random stream (a torch
+generator seeded from ``numpy.random.SeedSequence(seed).spawn(chains)``, the same rule
+as the NUTS driver), whose state is part of the sampler state: the same seed gives the
+same draws, chain ``c`` does not depend on how many chains run beside it or whether they
+are vectorized, and a run resumed from a checkpoint continues exactly.
+
+The kernels follow the infer contract of DESIGN.md: ``kernel.init(chains, seed) ->
+state`` and ``kernel.step(rng_key, state, batch=None) -> (state, info)`` with immutable
+``NamedTuple`` state; ``run_sgmcmc`` (behind ``LocalPosterior.sample``) drives them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..posterior import LocalPosterior
+    from ..reference import ReferenceClass
+
+__all__ = [
+    "SGMCMCState",
+    "StepInfo",
+    "SGMCMCKernel",
+    "sgld",
+    "rmsprop_sgld",
+    "sghmc",
+    "make_kernel",
+    "run_sgmcmc",
+    "chain_generators",
+]
+
+METHODS = ("sgld", "rmsprop_sgld", "sghmc")
+
+
+# ---------------------------------------------------------------------------------------
+# state, info, kernel
+# ---------------------------------------------------------------------------------------
+
+
+class SGMCMCState(NamedTuple):
+    """Immutable sampler state for ``C`` chains.
+
+    Attributes
+    ----------
+    w : Tensor ``[C, d]``
+        Current lifted weights of every chain.
+    rng : tuple of Tensor
+        Per-chain torch generator states (the chains' random streams).
+    step : int
+        Number of steps taken so far.
+    momentum : Tensor ``[C, d]`` or None
+        SGHMC velocity ``v``.
+    sq_avg : Tensor ``[C, d]`` or None
+        RMSProp running average ``V`` of ``g⊙g``.
+    adapt_steps : int
+        Number of steps that updated ``sq_avg`` (bias correction).
+    adapting : bool
+        Whether the RMSProp preconditioner is still adapting.
+    """
+
+    w: torch.Tensor
+    rng: tuple
+    step: int = 0
+    momentum: torch.Tensor | None = None
+    sq_avg: torch.Tensor | None = None
+    adapt_steps: int = 0
+    adapting: bool = True
+
+
+class StepInfo(NamedTuple):
+    """What one step saw at its *input* weights ``w_t`` (one entry per chain).
+
+    Attributes
+    ----------
+    loss : Tensor ``[C]``
+        Minibatch loss ``L_B(w_t)``. The batch is drawn independently of ``w_t``, so this
+        is an unbiased estimate of ``L_n(w_t)`` (used for the progress bar and traces).
+    potential : Tensor ``[C]``
+        Minibatch potential ``U_B(w_t)``.
+    virial : Tensor ``[C]``
+        ``(w_t − w*)·∇U_B(w_t)``, an unbiased estimate of the virial term (THEORY §5.2).
+    grad : Tensor ``[C, d]``
+        ``∇U_B(w_t)``.
+    proposal_log_ratio : Tensor ``[C]`` or None
+        For SGLD/RMSProp-SGLD, ``−‖w' − w + (ε/2)Gg‖²_{G⁻¹}/(2ε)``, the log density of the
+        forward move (used by the MALA acceptance proxy of ``calibrate_step_size``).
+    """
+
+    loss: torch.Tensor
+    potential: torch.Tensor
+    virial: torch.Tensor
+    grad: torch.Tensor
+    precond: torch.Tensor | None = None
+
+
+class SGMCMCKernel(NamedTuple):
+    """A pair of pure functions ``init(chains, seed, w0=None) -> state`` and
+    ``step(rng_key, state, batch=None) -> (state, info)``, plus the pieces the driver
+    and the diagnostics reuse."""
+
+    init: Callable
+    step: Callable
+    method: str
+    step_size: float
+    batch_size: int
+    draw_batch: Callable
+    potential_and_grad: Callable
+    settings: dict
+
+
+def chain_generators(seeds: list[int], device) -> tuple:
+    """Initial per-chain generator states from per-chain seeds."""
+    out = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        out.append(g.get_state())
+    return tuple(out)
+
+
+class _Streams:
+    """Scratch generators: ``load(states)`` sets them, ``dump()`` reads them back.
+
+    The sampler state owns the random streams (as generator *states*); these
+    generators are reloaded at the start of every step, so ``step`` stays a pure
+    function of its inputs.
+    """
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.gens: list[torch.Generator] = []
+
+    def load(self, states) -> list[torch.Generator]:
+        while len(self.gens) < len(states):
+            self.gens.append(torch.Generator(device=self.device))
+        for g, s in zip(self.gens, states, strict=False):
+            g.set_state(s)
+        return self.gens[: len(states)]
+
+    def dump(self, n: int) -> tuple:
+        return tuple(g.get_state() for g in self.gens[:n])
+
+
+# ---------------------------------------------------------------------------------------
+# potential on a minibatch, vectorized over chains
+# ---------------------------------------------------------------------------------------
+
+
+def _potential_fns(
+    post: LocalPosterior,
+    *,
+    nbeta: float,
+    localization: float,
+    anchor: torch.Tensor,
+    vectorize: bool | str = "auto",
+):
+    """Return ``f(W [C,d], XB [C,m,...], YB [C,m,...]) -> (grad [C,d], U [C], L_B [C])``.
+
+    ``U_B(w) = nβ L_B(w) + γ/2‖w − anchor‖² + Σ_c ρ_c D_c(w)``. Chains are vectorized
+    with ``torch.func.vmap`` when the network allows it (a per-chain loop otherwise).
+    """
+    from torch.func import vmap
+
+    lifted, lik = post.lifted, post.likelihood
+    bound = post.constraints
+    nb, gam = float(nbeta), float(localization)
+
+    def u_batch(w, xb, yb):
+        loss = lik.nll(lifted.forward(w, xb), yb).mean()
+        diff = w - anchor
+        u = nb * loss + 0.5 * gam * (diff * diff).sum()
+        if bound:
+            v = post.view(w)
+            for b in bound:
+                u = u + b.penalty(v)
+        return u, loss
+
+    # Chains are independent, so ∇_W Σ_c U_c(W_c) stacks the per-chain gradients: one
+    # reverse pass through the vmapped forward (cheaper than vmap(grad(...)) in eager mode).
+    batched = vmap(u_batch)
+    mode = {"vmap": vectorize in ("auto", True), "checked": vectorize is not True}
+
+    def with_grad(fn, W, XB, YB):
+        w = W.detach().requires_grad_(True)
+        with torch.enable_grad():
+            u, loss = fn(w, XB, YB)
+            (g,) = torch.autograd.grad(u.sum(), w)
+        return g, u.detach(), loss.detach()
+
+    def loop(w, XB, YB):
+        outs = [u_batch(w[c], XB[c], YB[c]) for c in range(w.shape[0])]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+    def f(W, XB, YB):
+        if W.shape[0] == 1 or not mode["vmap"]:
+            return with_grad(loop, W, XB, YB)
+        if mode["checked"]:
+            try:
+                out = with_grad(batched, W, XB, YB)
+            except Exception:  # noqa: BLE001 - modules vmap cannot trace: loop instead
+                mode["vmap"] = False
+                return with_grad(loop, W, XB, YB)
+            mode["checked"] = False
+            return out
+        return with_grad(batched, W, XB, YB)
+
+    f.mode = mode  # type: ignore[attr-defined]
+    return f
+
+
+def _loss_fn(post: LocalPosterior):
+    """``f(W [C,d], XB, YB) -> L_B [C]`` (no gradient), vectorized over chains."""
+    from torch.func import vmap
+
+    lifted, lik = post.lifted, post.likelihood
+
+    def one(w, xb, yb):
+        return lik.nll(lifted.forward(w, xb), yb).mean()
+
+    batched = vmap(one)
+    state = {"vmap": True}
+
+    def f(W, XB, YB):
+        with torch.no_grad():
+            if state["vmap"] and W.shape[0] > 1:
+                try:
+                    return batched(W, XB, YB)
+                except Exception:  # noqa: BLE001
+                    state["vmap"] = False
+            return torch.stack([one(W[c], XB[c], YB[c]) for c in range(W.shape[0])])
+
+    return f
+
+
+def _center_batch_loss(post: LocalPosterior, XB, YB) -> torch.Tensor:
+    """``L_B(w*)`` for each chain's batch ``[C, m, ...]`` in one forward pass."""
+    C, m = XB.shape[:2]
+    with torch.no_grad():
+        out = post.lifted.forward(post.center, XB.reshape(C * m, *XB.shape[2:]))
+        nll = post.likelihood.nll(out, YB.reshape(C * m, *YB.shape[2:]))
+    return nll.reshape(C, m).mean(1)
+
+
+def _batch_drawer(post: LocalPosterior, batch_size: int):
+    X, Y, n = post.x, post.y, post.n
+    dev = X.device
+
+    def draw(gens, m: int | None = None):
+        m = batch_size if m is None else int(m)
+        if m >= n:
+            idx = torch.arange(n, device=dev).expand(len(gens), n)
+        else:
+            idx = torch.stack([torch.randint(n, (m,), generator=g, device=dev) for g in gens])
+        return X[idx], Y[idx]
+
+    return draw
+
+
+# ---------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------
+
+
+def make_kernel(
+    post: LocalPosterior,
+    method: str = "sgld",
+    *,
+    step_size: float,
+    batch_size: int | None = None,
+    friction: float = 0.1,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    nbeta: float | None = None,
+    localization: float | None = None,
+    anchor: torch.Tensor | None = None,
+    vectorize: bool | str = "auto",
+) -> SGMCMCKernel:
+    """Build an SG-MCMC kernel for ``post``.
+
+    Parameters
+    ----------
+    post : LocalPosterior
+        The declaration; its potential is used with minibatch losses.
+    method : {"sgld", "rmsprop_sgld", "sghmc"}
+        Update rule (module docstring).
+    step_size : float
+        ε for SGLD and RMSProp-SGLD, the learning rate η for SGHMC.
+    batch_size : int, optional
+        Minibatch size ``m`` (default ``min(n, 256)``); ``m ≥ n`` uses the full batch.
+    friction : float
+        SGHMC friction α in (0, 1] (default 0.1).
+    alpha, eps : float
+        RMSProp decay α (default 0.99) and stabiliser δ (default 1e-8).
+    nbeta, localization, anchor :
+        Overrides of nβ, γ and the localizer's centre (default: the posterior's). Used by
+        ``wbic`` (global prior centred at 0).
+    vectorize : {"auto", True, False}
+        Vectorize chains with ``vmap`` ("auto": fall back to a loop if the network
+        cannot be traced by vmap).
+    """
+    method = _check_method(method)
+    step_size = _check_pos("step_size", step_size)
+    if batch_size is None:
+        batch_size = min(post.n, 256)
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(
+            f"batch_size must be a positive integer; got {batch_size!r} (n = {post.n})"
+        )
+    batch_size = int(min(batch_size, post.n))
+    if not 0 < friction <= 1:
+        raise ValueError(f"friction must lie in (0, 1]; got {friction!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha (RMSProp decay) must lie in (0, 1); got {alpha!r}")
+    nb = post.nbeta if nbeta is None else float(nbeta)
+    gam = post.localization if localization is None else float(localization)
+    anc = post.center if anchor is None else anchor.to(post.center)
+    pot = _potential_fns(post, nbeta=nb, localization=gam, anchor=anc, vectorize=vectorize)
+    draw_batch = _batch_drawer(post, batch_size)
+    streams = _Streams(post.device)
+    center = post.center
+    eps_ = float(step_size)
+
+    def init(chains: int, seed: int | list[int], w0: torch.Tensor | None = None) -> SGMCMCState:
+        from .nuts import chain_seeds
+
+        seeds = chain_seeds(seed, chains) if isinstance(seed, (int, np.integer)) else list(seed)
+        if len(seeds) != chains:
+            raise ValueError(f"got {len(seeds)} chain seeds for chains={chains}")
+        w = center.expand(chains, -1).clone() if w0 is None else w0.clone()
+        zeros = torch.zeros_like(w)
+        return SGMCMCState(
+            w=w,
+            rng=chain_generators(seeds, post.device),
+            step=0,
+            momentum=zeros if method == "sghmc" else None,
+            sq_avg=zeros.clone() if method == "rmsprop_sgld" else None,
+            adapt_steps=0,
+            adapting=True,
+        )
+
+    def step(rng_key, state: SGMCMCState, batch=None):
+        keys = state.rng if rng_key is None else rng_key
+        C = state.w.shape[0]
+        gens = streams.load(keys)
+        if batch is None:
+            batch = draw_batch(gens)
+        XB, YB = batch
+        g, u, loss = pot(state.w, XB, YB)
+        noise = torch.stack(
+            [
+                torch.randn(
+                    state.w.shape[1:], generator=gc, dtype=state.w.dtype, device=state.w.device
+                )
+                for gc in gens
+            ]
+        )
+        new_rng = streams.dump(C)
+        virial = ((state.w - center) * g).sum(-1)
+        precond = None
+        if method == "sgld":
+            w = state.w - (0.5 * eps_) * g + math.sqrt(eps_) * noise
+            new = state._replace(w=w)
+        elif method == "rmsprop_sgld":
+            sq, t = state.sq_avg, state.adapt_steps
+            if state.adapting:
+                sq = alpha * sq + (1 - alpha) * g * g
+                t = t + 1
+            vhat = sq / (1 - alpha**t) if t > 0 else sq
+            precond = 1.0 / (eps + vhat.sqrt())
+            w = state.w - (0.5 * eps_) * precond * g + (eps_ * precond).sqrt() * noise
+            new = state._replace(w=w, sq_avg=sq, adapt_steps=t)
+        else:  # sghmc
+            v = (1 - friction) * state.momentum - eps_ * g
+            v = v + math.sqrt(2 * friction * eps_) * noise
+            new = state._replace(w=state.w + v, momentum=v)
+        new = new._replace(rng=new_rng, step=state.step + 1)
+        return new, StepInfo(loss=loss, potential=u, virial=virial, grad=g, precond=precond)
+
+    settings = {
+        "method": method,
+        "step_size": eps_,
+        "batch_size": batch_size,
+        "friction": float(friction) if method == "sghmc" else None,
+        "rmsprop_alpha": float(alpha) if method == "rmsprop_sgld" else None,
+        "rmsprop_eps": float(eps) if method == "rmsprop_sgld" else None,
+        "nbeta_used": nb,
+        "localization_used": gam,
+    }
+    return SGMCMCKernel(
+        init=init,
+        step=step,
+        method=method,
+        step_size=eps_,
+        batch_size=batch_size,
+        draw_batch=draw_batch,
+        potential_and_grad=pot,
+        settings=settings,
+    )
+
+
+def sgld(post: LocalPosterior, *, step_size: float, batch_size: int | None = None, **kw):
+    """SGLD kernel (Welling & Teh 2011): ``w' = w − (ε/2)∇U_B(w) + √ε ξ``."""
+    return make_kernel(post, "sgld", step_size=step_size, batch_size=batch_size, **kw)
+
+
+def rmsprop_sgld(post: LocalPosterior, *, step_size: float, batch_size: int | None = None, **kw):
+    """RMSProp-preconditioned SGLD kernel (Li et al. 2016)."""
+    return make_kernel(post, "rmsprop_sgld", step_size=step_size, batch_size=batch_size, **kw)
+
+
+def sghmc(post: LocalPosterior, *, step_size: float, batch_size: int | None = None, **kw):
+    """SGHMC kernel (Chen, Fox & Guestrin 2014)."""
+    return make_kernel(post, "sghmc", step_size=step_size, batch_size=batch_size, **kw)
+
+
+def _check_method(method: str) -> str:
+    m = str(method).lower()
+    if m not in METHODS:
+        from .._errors import nearest
+
+        raise ValueError(
+            f"method={method!r} is not an SG-MCMC method; choose one of {list(METHODS)} "
+            f"(nearest: {nearest(m, METHODS, 1)})"
+        )
+    return m
+
+
+def _check_pos(name: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive number; got {v!r}") from None
+    if not (math.isfinite(f) and f > 0):
+        raise ValueError(f"{name} must be a positive finite number; got {v!r}")
+    return f
+
+
+def _nonfinite_error(method, step_size, chains_bad, step, warmup, thin, where):
+    phase = (
+        f"warmup step {step}" if step < warmup else f"step {step} (draw {(step - warmup) // thin})"
+    )
+    return FloatingPointError(
+        f"{method}: chain(s) {chains_bad} became non-finite ({where}) at {phase}: the sampler "
+        f"diverged. Use a smaller step_size (now {step_size:g}; try {step_size / 10:g}), or "
+        f"run condpost.calibrate_step_size(post, method={method!r}) to pick one. No draws "
+        f"were dropped; the run stopped here."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------
+
+
+def run_sgmcmc(
+    post: LocalPosterior,
+    *,
+    method: str = "sgld",
+    chains: int = 4,
+    warmup: int = 1000,
+    draws: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    step_size: float | None = None,
+    batch_size: int | None = None,
+    thin: int = 1,
+    loss_every: int = 1,
+    loss_batch_size: int | None = None,
+    full_loss_every: int | None = None,
+    loss: str = "independent",
+    keep_draws: bool = True,
+    store: str | None = None,
+    resume: bool = False,
+    chunk_draws: int | None = None,
+    friction: float = 0.1,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    adapt_preconditioner: str = "warmup",
+    vectorize: bool | str = "auto",
+    callback: Callable | None = None,
+    num_threads: int | None = None,
+    _prior: dict | None = None,
+) -> ReferenceClass:
+    """Run vectorized SG-MCMC chains from ``w*`` and return a ``ReferenceClass``.
+
+    Called by ``LocalPosterior.sample("sgld" | "rmsprop_sgld" | "sghmc", ...)``.
+
+    Parameters
+    ----------
+    method : {"sgld", "rmsprop_sgld", "sghmc"}
+        Update rule (see the module docstring).
+    chains, warmup, draws, seed, progress :
+        As for ``LocalPosterior.sample``. ``warmup`` steps are burn-in, not kept. Each
+        chain takes ``warmup + draws·thin`` steps.
+    step_size : float
+        Required: ε (SGLD, RMSProp-SGLD) or η (SGHMC). ``calibrate_step_size`` helps pick it.
+    batch_size : int, optional
+        Gradient minibatch size (default ``min(n, 256)``), drawn with replacement,
+        independently per chain and step.
+    thin : int
+        Keep every ``thin``-th state as a draw (default 1).
+    loss_every : int
+        Measure the per-draw loss (for ``llc``) at every ``loss_every``-th kept draw
+        (default 1: every draw). Draws in between repeat the previous measurement's time
+        index in no statistic: the loss arrays have ``ceil(draws/loss_every)`` entries
+        per chain (``ref.loss()``), all measured; use it to save loss evaluations when
+        draws are strongly autocorrelated.
+    loss : {"independent", "gradient", "full"}
+        How each measured draw's ``L_n(w)`` is estimated (THEORY §5.3):
+
+        * ``"independent"`` (default): on a fresh random batch of ``loss_batch_size``
+          samples, independent of the gradient batches, *paired* with ``w*`` on the same
+          batch: ``L̂(w) = L_n(w*) + L_B'(w) − L_B'(w*)``. Unbiased for ``L_n(w)``; the
+          pairing cancels most of the batch noise, and the baseline ``L_n(w*)`` is the
+          full-data value, so draws and baseline share one estimator.
+        * ``"gradient"``: the same paired estimator on the batch the next gradient step
+          uses at that draw (drawn with replacement, hence also independent of ``w``);
+          saves the extra forward pass at ``w``.
+        * ``"full"``: full-data ``L_n(w)`` at each measured draw (exact; costly).
+    loss_batch_size : int, optional
+        Batch size for ``loss="independent"`` (default: ``batch_size``).
+    full_loss_every : int, optional
+        Also evaluate the full-data ``L_n`` every ``full_loss_every`` kept draws
+        (statistic ``"loss_full"``; ``ref.llc(estimator="full")`` uses it).
+    keep_draws : bool
+        Keep the weights of every draw (default True). With False only the per-draw
+        statistics are kept, which is what ``llc()`` needs for large networks.
+    store : str or path, optional
+        Stream draws and statistics to this directory (created; e.g. ``"run.cpst"``) in
+        chunks of ``chunk_draws`` draws, each followed by an atomic checkpoint of the
+        sampler state. The returned ``ReferenceClass`` reads the draws from disk
+        (``numpy.memmap``).
+    resume : bool
+        Continue the run in ``store`` from its last checkpoint. The result is identical
+        to an uninterrupted run with the same arguments; ``draws`` may be larger than the
+        stored run's (extend it).
+    friction : float
+        SGHMC friction α (default 0.1).
+    alpha, eps : float
+        RMSProp-SGLD decay and stabiliser.
+    adapt_preconditioner : {"warmup", "always"}
+        RMSProp-SGLD: freeze the preconditioner after warmup (default; the kept chain is
+        then a Langevin discretisation with a constant metric) or keep adapting
+        (devinterp's behaviour).
+    vectorize : {"auto", True, False}
+        Vectorize chains with ``torch.func.vmap``.
+    callback : callable, optional
+        ``callback(state, draw_index)`` after every kept draw; raising interrupts the run
+        (the store keeps its last checkpoint).
+    num_threads : int, optional
+        torch intra-op threads while sampling.
+    """
+    from ..reference import ReferenceClass
+    from ..store import RunStore
+
+    method = _check_method(method)
+    if step_size is None:
+        raise TypeError(
+            f"{method} needs step_size=... (no default: it depends on the network and nβ). "
+            f"Run condpost.calibrate_step_size(post, method={method!r}) to choose one; "
+            f"devinterp's examples use 1e-5 … 1e-3."
+        )
+    for arg, v in (("thin", thin), ("loss_every", loss_every)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{arg} must be an integer ≥ 1; got {v!r}")
+    if full_loss_every is not None and (
+        int(full_loss_every) != full_loss_every or full_loss_every < 1
+    ):
+        raise ValueError(f"full_loss_every must be None or an integer ≥ 1; got {full_loss_every!r}")
+    if loss not in ("independent", "gradient", "full"):
+        raise ValueError(f"loss={loss!r}: choose 'independent', 'gradient' or 'full'")
+    if adapt_preconditioner not in ("warmup", "always"):
+        raise ValueError(
+            f"adapt_preconditioner={adapt_preconditioner!r}: choose 'warmup' or 'always'"
+        )
+    if resume and store is None:
+        raise ValueError("resume=True needs store=<path> of the interrupted run")
+    thin, loss_every = int(thin), int(loss_every)
+    prior = dict(_prior or {})
+    kernel = make_kernel(
+        post,
+        method,
+        step_size=step_size,
+        batch_size=batch_size,
+        friction=friction,
+        alpha=alpha,
+        eps=eps,
+        nbeta=prior.get("nbeta"),
+        localization=prior.get("localization"),
+        anchor=prior.get("anchor"),
+        vectorize=vectorize,
+    )
+    if loss_batch_size is None:
+        loss_batch_size = kernel.batch_size
+    if int(loss_batch_size) != loss_batch_size or loss_batch_size < 1:
+        raise ValueError(f"loss_batch_size must be a positive integer; got {loss_batch_size!r}")
+    loss_batch_size = int(min(loss_batch_size, post.n))
+    if loss == "independent" and loss_batch_size >= post.n:
+        loss = "full"
+
+    from .nuts import chain_seeds
+
+    seeds = chain_seeds(seed, chains)
+    n_loss = -(-draws // loss_every)
+    n_full = 0 if full_loss_every is None else -(-draws // int(full_loss_every))
+    settings: dict[str, Any] = {
+        "method": method,
+        "backend": "torch",
+        "chains": chains,
+        "warmup": warmup,
+        "draws": draws,
+        "thin": thin,
+        "seed": seed,
+        "chain_seeds": seeds,
+        **kernel.settings,
+        "loss_estimator": loss,
+        "loss_every": loss_every,
+        "loss_batch_size": loss_batch_size if loss != "full" else post.n,
+        "full_loss_every": full_loss_every,
+        "baseline": "full data L_n(w*)",
+        "baseline_stderr": 0.0,
+        "adapt_preconditioner": adapt_preconditioner if method == "rmsprop_sgld" else None,
+        "keep_draws": bool(keep_draws),
+        "num_threads": num_threads,
+    }
+    if prior:
+        settings["global_prior"] = {k: v for k, v in prior.items() if k != "anchor"}
+    identity = {
+        k: settings[k]
+        for k in (
+            "method",
+            "chains",
+            "warmup",
+            "thin",
+            "seed",
+            "step_size",
+            "batch_size",
+            "friction",
+            "rmsprop_alpha",
+            "rmsprop_eps",
+            "nbeta_used",
+            "localization_used",
+            "loss_estimator",
+            "loss_every",
+            "loss_batch_size",
+            "full_loss_every",
+            "adapt_preconditioner",
+            "keep_draws",
+        )
+    }
+    identity["d"] = post.d
+    identity["n"] = post.n
+
+    defect_names: list[str] = []
+    if post.constraints:
+        with torch.no_grad():
+            v0 = post.view(post.center)
+            defect_names = [f"defect/{b.name}" for b in post.constraints]
+            defect_names += [f"exact/{b.name}/{k}" for b in post.constraints for k in b.exact(v0)]
+
+    rs = None
+    if store is not None:
+        rs = RunStore.open(
+            store,
+            post=post,
+            identity=identity,
+            settings=settings,
+            chains=chains,
+            draws=draws,
+            keep_draws=keep_draws,
+            stat_shapes={
+                "loss": n_loss,
+                "virial": draws,
+                "batch_loss": draws,
+                "dist2": draws,
+                **dict.fromkeys(defect_names, draws),
+                **({"loss_full": n_full} if n_full else {}),
+            },
+            resume=resume,
+        )
+        state = rs.load_state(post) if rs.done_draws or rs.state_step else None
+        stats = rs.stats
+        draws_buf = None
+    else:
+        state = None
+        stats = {"loss": np.zeros((chains, n_loss)), "virial": np.zeros((chains, draws))}
+        stats["batch_loss"] = np.zeros((chains, draws))
+        stats["dist2"] = np.zeros((chains, draws))
+        for nm in defect_names:
+            stats[nm] = np.zeros((chains, draws))
+        if n_full:
+            stats["loss_full"] = np.zeros((chains, n_full))
+        draws_buf = (
+            np.zeros((chains, draws, post.d), dtype=_np_dtype(post.dtype)) if keep_draws else None
+        )
+    if state is None:
+        state = kernel.init(chains, seeds)
+    done = 0 if rs is None else rs.done_draws
+    if chunk_draws is None:
+        per_draw = chains * post.d * post.center.element_size()
+        chunk_draws = max(1, min(draws, (64 << 20) // max(per_draw, 1), 1000))
+
+    measure_loss = _loss_fn(post)
+    streams = _Streams(post.device)
+    total_steps = warmup + draws * thin
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=min(state.step, total_steps),
+        desc=f"{method} · {chains} chains",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    prev_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    t0 = time.perf_counter()
+    chunk_start = done
+    pending: list[np.ndarray] = []
+    last_loss = float("nan")
+    try:
+        while state.step < total_steps:
+            t = state.step
+            if method == "rmsprop_sgld" and adapt_preconditioner == "warmup":
+                if t >= warmup and state.adapting:
+                    state = state._replace(adapting=False)
+            keep = t >= warmup and (t - warmup) % thin == 0
+            s = (t - warmup) // thin if keep else -1
+            gens = streams.load(state.rng)
+            batch = kernel.draw_batch(gens)
+            state = state._replace(rng=streams.dump(chains))
+            w_t = state.w
+            state, info = kernel.step(None, state, batch)
+            if not bool(torch.isfinite(info.potential).all()):
+                bad = (~torch.isfinite(info.potential)).nonzero().flatten().tolist()
+                raise _nonfinite_error(
+                    method, kernel.step_size, bad, t, warmup, thin, "loss or weights"
+                )
+            if keep:
+                if not bool(torch.isfinite(w_t).all()):
+                    bad = (~torch.isfinite(w_t).all(-1)).nonzero().flatten().tolist()
+                    raise _nonfinite_error(
+                        method, kernel.step_size, bad, t, warmup, thin, "weights"
+                    )
+                stats["virial"][:, s] = info.virial.cpu().numpy()
+                stats["batch_loss"][:, s] = info.loss.cpu().numpy()
+                stats["dist2"][:, s] = ((w_t - post.center) ** 2).sum(-1).cpu().numpy()
+                if s % loss_every == 0:
+                    j = s // loss_every
+                    if loss == "full":
+                        lw = post.evaluate(w_t, grad=False)["loss"]
+                    elif loss == "gradient":
+                        lw = post.loss_center + info.loss - _center_batch_loss(post, *batch)
+                    else:
+                        gens = streams.load(state.rng)
+                        XB, YB = kernel.draw_batch(gens, loss_batch_size)
+                        state = state._replace(rng=streams.dump(chains))
+                        lw = (
+                            post.loss_center
+                            + measure_loss(w_t, XB, YB)
+                            - _center_batch_loss(post, XB, YB)
+                        )
+                    stats["loss"][:, j] = lw.cpu().numpy()
+                if n_full and s % int(full_loss_every) == 0:
+                    stats["loss_full"][:, s // int(full_loss_every)] = (
+                        post.evaluate(w_t, grad=False)["loss"].cpu().numpy()
+                    )
+                if defect_names:
+                    for nm, val in _defects(post, w_t).items():
+                        stats[nm][:, s] = val.cpu().numpy()
+                wn = w_t.detach().cpu().numpy()
+                if draws_buf is not None:
+                    draws_buf[:, s] = wn
+                elif rs is not None and keep_draws:
+                    pending.append(wn)
+                if rs is not None and (s + 1 - chunk_start >= chunk_draws or s + 1 == draws):
+                    rs.write_chunk(chunk_start, pending, state, s + 1)
+                    pending = []
+                    chunk_start = s + 1
+                if callback is not None:
+                    callback(state, s)
+            if progress and (t % 20 == 0 or t == total_steps - 1):
+                last_loss = float(info.loss.mean())
+                bar.set_postfix(
+                    draws=f"{max(s + 1, 0) if keep else max((t - warmup) // thin + 1, 0)}/{draws}",
+                    loss=f"{last_loss:.5g}",
+                    refresh=False,
+                )
+            bar.update(1)
+    finally:
+        bar.close()
+        torch.set_num_threads(prev_threads)
+    wall = time.perf_counter() - t0
+    settings["wall_time_s"] = wall + (rs.previous_wall if rs is not None else 0.0)
+    settings["vectorized"] = bool(kernel.potential_and_grad.mode["vmap"]) and chains > 1
+    settings["gradient_evaluations"] = total_steps * chains
+    stats_out = {k: np.asarray(v) for k, v in stats.items()}
+    if rs is not None:
+        rs.finish(settings)
+        draws_arr = rs.draws_view() if keep_draws else None
+    else:
+        draws_arr = draws_buf
+    return ReferenceClass.from_stats(
+        post, draws_arr, stats_out, settings=settings, store=str(store) if store else None
+    )
+
+
+def _defects(post: LocalPosterior, W: torch.Tensor) -> dict[str, torch.Tensor]:
+    from torch.func import vmap
+
+    def one(w):
+        v = post.view(w)
+        ds = {f"defect/{b.name}": b.defect(v) for b in post.constraints}
+        for b in post.constraints:
+            for k, val in b.exact(v).items():
+                ds[f"exact/{b.name}/{k}"] = val
+        return ds
+
+    with torch.no_grad():
+        try:
+            return vmap(one)(W)
+        except Exception:  # noqa: BLE001
+            rows = [one(w) for w in W]
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _np_dtype(dtype: torch.dtype):
+    return torch.empty((), dtype=dtype).numpy().dtype
