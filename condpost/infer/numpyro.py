@@ -1,0 +1,798 @@
+"""NumPyro NUTS/HMC and SVI on the potential exported to JAX (``condpost.export``).
+
+The declaration is the same ``LocalPosterior`` the Pyro backend uses; its potential
+
+.. math::
+
+    U(w) = n\\beta L_n(w) + \\tfrac{\\gamma}{2}\\|w-w^*\\|^2 + \\sum_c \\rho_c D_c(w)
+
+is exported once to a pure, jittable JAX function of the flat lifted vector
+(``condpost.export.to_jax``), and NumPyro's kernels run on it in potential form
+(``NUTS(potential_fn=U)``, THEORY §1.5), started at ``w*``.
+
+The driver is a thin loop over NumPyro's kernel contract (``kernel.init`` →
+``kernel.sample``): blocks of iterations run inside one compiled ``lax.fori_loop``,
+compiled ahead of time (so compilation is timed separately), with a tqdm bar updated
+between blocks. The draws do not depend on the block size or on ``progress``.
+
+Chains: ``"vectorized"`` (``vmap`` on one device: all chains advance together, a NUTS
+iteration costs the longest of the chains' trajectories), ``"parallel"`` (``pmap``, one
+chain per device) or ``"sequential"`` (one after another, one compilation).
+Each chain's PRNG key derives from the user seed exactly as the Pyro backend's
+per-chain seeds (``chain_seeds``), so chain ``c`` depends only on ``(seed, c)``.
+
+Precision: ``x64=None`` follows the declaration's dtype (float64 declarations run in
+JAX's 64-bit mode, set with the ``jax.enable_x64`` context for this call only; nothing
+global changes). float32 and float64 runs adapt different step sizes: they are different
+computations with the same target.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._errors import SamplerWarning, nearest, warn
+from .nuts import chain_seeds
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..posterior import LocalPosterior
+
+__all__ = ["run_numpyro_mcmc", "run_numpyro_svi", "export_potential"]
+
+_CHAIN_METHODS = ("vectorized", "parallel", "sequential")
+_MCMC_OPTIONS = (
+    "method",
+    "chains",
+    "warmup",
+    "draws",
+    "seed",
+    "progress",
+    "target_accept",
+    "max_tree_depth",
+    "dense_mass",
+    "step_size",
+    "num_steps",
+    "init_jitter",
+    "adapt_step_size",
+    "adapt_mass_matrix",
+    "chain_method",
+    "x64",
+    "block_size",
+    "num_threads",
+)
+
+
+def _import_jax():
+    try:
+        import jax
+        import numpyro  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised without jax installed
+        raise ImportError(
+            "backend='numpyro' needs JAX and NumPyro: pip install condpost[jax] "
+            f"(import failed: {e})"
+        ) from e
+    return jax
+
+
+def _unknown(kwargs: dict, known) -> None:
+    if kwargs:
+        bad = sorted(kwargs)
+        hints = {k: nearest(k, known, n=1) for k in bad}
+        hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" for k, h in hints.items() if h)
+        raise TypeError(
+            f"unknown option(s) {bad} for backend='numpyro'. "
+            + (f"{hint}. " if hint else "")
+            + f"Valid options: {sorted(known)}"
+        )
+
+
+def _use_x64(post, x64) -> bool:
+    if x64 is None:
+        return post.dtype == torch.float64
+    if not isinstance(x64, bool):
+        raise TypeError(f"x64 must be True, False or None (follow the posterior); got {x64!r}")
+    return x64
+
+
+def export_potential(post: LocalPosterior, *, x64: bool | None = None):
+    """Export ``post``'s potential to JAX (``condpost.export.to_jax``) in the right precision.
+
+    Must be called, and the result used, inside ``jax.enable_x64(x64)``; the runners
+    here do that. Returns the exported object (``.potential``, ``.loss``, ``.d``,
+    ``.dtype``, ``.center``, ``.export_seconds``).
+    """
+    from ..export import to_jax
+
+    use64 = _use_x64(post, x64)
+    dtype = torch.float64 if use64 else torch.float32
+    t0 = time.perf_counter()
+    jp = to_jax(post, dtype=None if dtype == post.dtype else dtype)
+    secs = getattr(jp, "export_seconds", None)
+    if secs is None:  # pragma: no cover - older exporters
+        secs = time.perf_counter() - t0
+    return jp, float(secs)
+
+
+# ---------------------------------------------------------------------------- caching
+# Exports and compiled sampler programs are cached on the declaration itself (so they
+# live exactly as long as it does), keyed by everything they depend on: precision, the
+# constraint list, nβ, γ and the version counter of w*. Seeds enter only through the
+# state, so runs that differ in seed (or draws) reuse one compilation.
+_CACHE_ATTR = "_condpost_numpyro_cache"
+
+
+def _post_key(post, use64: bool) -> tuple:
+    c = post.center
+    return (
+        use64,
+        tuple(id(b) for b in post.constraints),
+        float(post.nbeta),
+        float(post.localization),
+        id(c),
+        c._version,
+    )
+
+
+def jp_cache(post, use64: bool) -> dict:
+    """The per-declaration cache of compiled programs for this precision."""
+    store = post.__dict__.setdefault(_CACHE_ATTR, {})
+    key = _post_key(post, use64)
+    entry = store.get(key)
+    if entry is None:
+        store.clear()  # the declaration changed (or another precision): drop stale programs
+        entry = store[key] = {}
+    return entry
+
+
+def _cached_export(post, use64: bool):
+    """``(jp, export_seconds, cached)``; export time is 0 for a cached export."""
+    cache = jp_cache(post, use64)
+    if "export" in cache:
+        return cache["export"], 0.0, True
+    jp, secs = export_potential(post, x64=use64)
+    cache["export"] = jp
+    return jp, secs, False
+
+
+def _make_kernel(
+    potential,
+    *,
+    method,
+    target_accept,
+    max_tree_depth,
+    dense_mass,
+    step_size,
+    num_steps,
+    adapt_step_size,
+    adapt_mass_matrix,
+):
+    from numpyro.infer import HMC, NUTS
+
+    kw = dict(
+        potential_fn=potential,
+        target_accept_prob=target_accept,
+        adapt_step_size=adapt_step_size,
+        adapt_mass_matrix=adapt_mass_matrix,
+        dense_mass=dense_mass,
+    )
+    if step_size is not None:
+        kw["step_size"] = step_size
+    if method == "nuts":
+        return NUTS(max_tree_depth=max_tree_depth, **kw)
+    return HMC(num_steps=num_steps, **kw)
+
+
+# ---------------------------------------------------------------------------- MCMC
+_FIELDS = ("diverging", "num_steps", "accept_prob", "step_size", "potential_energy", "energy")
+
+
+def _record(state):
+    """Per-iteration statistics of an ``HMCState`` (any batch shape)."""
+    return {
+        "z": state.z,
+        "diverging": state.diverging,
+        "num_steps": state.num_steps,
+        "accept_prob": state.accept_prob,
+        "step_size": state.adapt_state.step_size,
+        "potential_energy": state.potential_energy,
+        "energy": state.energy,
+    }
+
+
+def _make_block(sample, block: int):
+    """``(state, n) -> (state, buffers)``: ``n ≤ block`` kernel steps in one compiled loop."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def run(state, n):
+        proto = _record(state)
+        bufs = {k: jnp.zeros((block,) + v.shape, v.dtype) for k, v in proto.items()}
+
+        def body(i, carry):
+            st, bf = carry
+            st = sample(st)
+            rec = _record(st)
+            bf = {k: lax.dynamic_update_index_in_dim(bf[k], rec[k], i, 0) for k in bf}
+            return st, bf
+
+        return lax.fori_loop(0, n, body, (state, bufs))
+
+    del jax
+    return run
+
+
+def run_numpyro_mcmc(
+    post: LocalPosterior,
+    *,
+    method: str = "nuts",
+    chains: int = 4,
+    warmup: int = 1000,
+    draws: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    target_accept: float = 0.8,
+    max_tree_depth: int = 10,
+    dense_mass: bool = False,
+    step_size: float | None = None,
+    num_steps: int | None = None,
+    init_jitter: float = 0.0,
+    adapt_step_size: bool = True,
+    adapt_mass_matrix: bool = True,
+    chain_method: str | None = None,
+    x64: bool | None = None,
+    block_size: int | None = None,
+    num_threads: int | None = None,
+    **unknown,
+):
+    """NUTS or HMC with NumPyro on the exported potential; returns a ``ReferenceClass``.
+
+    Parameters
+    ----------
+    post : LocalPosterior
+        The declaration; its potential is exported with ``condpost.export.to_jax``.
+    method : {"nuts", "hmc"}
+        NUTS (Hoffman & Gelman 2014, multinomial variant as in NumPyro) or static HMC
+        with ``num_steps`` leapfrog steps (default 16).
+    chains, warmup, draws, seed, progress
+        As for the Pyro backend. Every chain starts at ``w*`` (plus ``init_jitter``·N(0, I)).
+    target_accept, max_tree_depth, dense_mass, step_size, adapt_step_size, adapt_mass_matrix
+        NumPyro's ``target_accept_prob``, ``max_tree_depth``, ``dense_mass``, initial
+        ``step_size`` (default 1.0, adapted) and adaptation switches.
+    chain_method : {"vectorized", "parallel", "sequential"}, optional
+        Default: ``"parallel"`` when there are at least ``chains`` JAX devices, else
+        ``"vectorized"``.
+    x64 : bool, optional
+        Run in float64 (``True``) or float32 (``False``); default: the declaration's dtype.
+    block_size : int, optional
+        Iterations per compiled block between progress-bar updates (default: about 1/20
+        of the run, at most 200). Does not change the draws.
+
+    Returns
+    -------
+    ReferenceClass
+        With ``sample_stats`` ``diverging``, ``num_steps`` (leapfrog steps = gradient
+        evaluations), ``tree_depth``, ``accept_prob``, ``step_size``, ``energy`` per
+        draw, and ``settings`` recording the backend, export and compile times and the
+        number of gradient evaluations.
+    """
+    from ..reference import ReferenceClass
+
+    _unknown(unknown, _MCMC_OPTIONS)
+    jax = _import_jax()
+    import jax.numpy as jnp
+
+    method = method.lower()
+    if method not in ("nuts", "hmc"):
+        raise ValueError(f"method must be 'nuts' or 'hmc' for backend='numpyro'; got {method!r}")
+    if not 0 < target_accept < 1:
+        raise ValueError(f"target_accept must lie in (0, 1); got {target_accept}")
+    for arg, v, lo in (("chains", chains, 1), ("draws", draws, 1), ("warmup", warmup, 0)):
+        if int(v) != v or v < lo:
+            raise ValueError(f"{arg} must be an integer ≥ {lo}; got {v!r}")
+    chains, warmup, draws = int(chains), int(warmup), int(draws)
+    if int(max_tree_depth) != max_tree_depth or max_tree_depth < 1:
+        raise ValueError(f"max_tree_depth must be a positive integer; got {max_tree_depth!r}")
+    if step_size is not None and not step_size > 0:
+        raise ValueError(f"step_size must be positive; got {step_size!r}")
+    if num_steps is not None and (int(num_steps) != num_steps or num_steps < 1):
+        raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
+    if not init_jitter >= 0:
+        raise ValueError(f"init_jitter must be ≥ 0; got {init_jitter!r}")
+    if num_threads is not None:
+        raise ValueError(
+            "num_threads sets torch's intra-op threads and applies to backend='pyro' only. "
+            "JAX's CPU threading is fixed when jax is first imported (XLA_FLAGS); drop the "
+            "option for backend='numpyro'."
+        )
+    ndev = len(jax.devices())
+    if chain_method is None:
+        chain_method = "parallel" if (chains > 1 and ndev >= chains) else "vectorized"
+    if chain_method not in _CHAIN_METHODS:
+        raise ValueError(
+            f"chain_method must be one of {list(_CHAIN_METHODS)}; got {chain_method!r}"
+        )
+    if chain_method == "parallel" and ndev < chains:
+        raise ValueError(
+            f"chain_method='parallel' runs one chain per device and needs ≥ {chains} JAX "
+            f"devices; found {ndev}. Use chain_method='vectorized' (one device), lower chains, "
+            f"or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={chains} before "
+            f"importing jax."
+        )
+    if warmup < 50:
+        warn(
+            f"warmup={warmup} is very short: step-size and mass-matrix adaptation need a few "
+            f"hundred steps, and with ~20 warmup steps NUTS can return all draws divergent.",
+            SamplerWarning,
+        )
+    total = warmup + draws
+    if block_size is None:
+        block_size = int(min(200, max(1, math.ceil(total / 20))))
+    if int(block_size) != block_size or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer; got {block_size!r}")
+    block_size = int(block_size)
+    use64 = _use_x64(post, x64)
+    seeds = chain_seeds(seed, chains)
+
+    with jax.enable_x64(use64):
+        jp, export_s, cached_export = _cached_export(post, use64)
+        kernel_kw = dict(
+            method=method,
+            target_accept=float(target_accept),
+            max_tree_depth=int(max_tree_depth),
+            dense_mass=bool(dense_mass),
+            step_size=None if step_size is None else float(step_size),
+            num_steps=int(num_steps or 16) if method == "hmc" else None,
+            adapt_step_size=bool(adapt_step_size),
+            adapt_mass_matrix=bool(adapt_mass_matrix),
+        )
+        fdtype = jnp.float64 if use64 else jnp.float32
+        center = jnp.asarray(post.center.detach().cpu().numpy(), dtype=fdtype)
+        run_keys, jit_keys = [], []
+        for s in seeds:
+            a, b = jax.random.split(jax.random.PRNGKey(s))
+            run_keys.append(a)
+            jit_keys.append(b)
+        run_keys = jnp.stack(run_keys)
+        W0 = jnp.broadcast_to(center, (chains, post.d))
+        if init_jitter > 0:
+            noise = jnp.stack([jax.random.normal(k, (post.d,), fdtype) for k in jit_keys])
+            W0 = W0 + float(init_jitter) * noise
+
+        t0 = time.perf_counter()
+        ckey = ("mcmc", tuple(sorted(kernel_kw.items())), chains, chain_method, warmup, block_size)
+        hit = jp_cache(post, use64).get(ckey)
+        if hit is None:
+            kernel = _make_kernel(jp.potential, **kernel_kw)
+        else:
+            kernel, compiled, batch_axis = hit
+        if chain_method == "vectorized":
+            state = kernel.init(run_keys, warmup, init_params=W0)
+            states = None
+        else:
+            states = [kernel.init(run_keys[c], warmup, init_params=W0[c]) for c in range(chains)]
+            state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        if hit is None:
+            block = _make_block(lambda st: kernel.sample(st, (), {}), block_size)
+            if chain_method == "vectorized":
+                compiled = jax.jit(block).lower(state, 0).compile()
+                batch_axis = 1  # buffers [block, chains, ...]
+            elif chain_method == "parallel":
+                compiled = jax.pmap(block, in_axes=(0, None)).lower(state, 0).compile()
+                batch_axis = 0  # buffers [chains, block, ...]
+            else:
+                compiled = jax.jit(block).lower(states[0], 0).compile()
+                batch_axis = None  # one chain at a time, buffers [block, ...]
+            jp_cache(post, use64)[ckey] = (kernel, compiled, batch_axis)
+        compile_s = time.perf_counter() - t0
+
+        out = np.empty((chains, draws, post.d), dtype=np.float64 if use64 else np.float32)
+        stats = {k: np.zeros((chains, draws), dtype=np.float64) for k in _FIELDS}
+        stats["diverging"] = np.zeros((chains, draws), dtype=bool)
+        stats["num_steps"] = np.zeros((chains, draws), dtype=np.int64)
+        warm_grads = np.zeros(chains, dtype=np.int64)
+        warm_div = np.zeros(chains, dtype=np.int64)
+
+        def run_chain_blocks(st, c_slice, desc):
+            bar = tqdm(
+                total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True
+            )
+            done = 0
+            try:
+                while done < total:
+                    nb = min(block_size, total - done)
+                    st, bufs = compiled(st, nb)
+                    bufs = {k: np.asarray(v) for k, v in bufs.items()}
+                    if batch_axis == 0:  # [C, B, ...] -> [B, C, ...]
+                        bufs = {k: np.swapaxes(v, 0, 1) for k, v in bufs.items()}
+                    elif batch_axis is None:  # [B, ...] -> [B, 1, ...]
+                        bufs = {k: v[:, None] for k, v in bufs.items()}
+                    for j in range(nb):
+                        i = done + j
+                        if i < warmup:
+                            warm_grads[c_slice] += bufs["num_steps"][j]
+                            warm_div[c_slice] += bufs["diverging"][j]
+                        else:
+                            s = i - warmup
+                            out[c_slice, s] = bufs["z"][j]
+                            for k in _FIELDS:
+                                stats[k][c_slice, s] = bufs[k][j]
+                    done += nb
+                    if progress:
+                        last = {k: bufs[k][nb - 1] for k in ("step_size", "diverging")}
+                        bar.set_postfix(
+                            step=f"{float(np.mean(last['step_size'])):.2e}",
+                            div=int(stats["diverging"][c_slice].sum()),
+                            refresh=False,
+                        )
+                    bar.update(nb)
+            finally:
+                bar.close()
+            return st
+
+        t1 = time.perf_counter()
+        if batch_axis is None:
+            for c in range(chains):
+                run_chain_blocks(
+                    states[c], slice(c, c + 1), f"{method.upper()} chain {c + 1}/{chains}"
+                )
+        else:
+            run_chain_blocks(state, slice(0, chains), f"{method.upper()} {chains} chain(s)")
+        run_s = time.perf_counter() - t1
+
+    grads = int(warm_grads.sum() + stats["num_steps"].sum() + chains)  # + one at each init
+    diverging = stats["diverging"]
+    ndiv = int(diverging.sum())
+    if ndiv:
+        warn(
+            f"{ndiv} divergent transition(s) after warmup (per chain: "
+            f"{diverging.sum(1).tolist()}). The draws are kept and flagged "
+            f"(ReferenceClass.diverging), but estimates may be biased. Raise target_accept "
+            f"(e.g. 0.95), lengthen warmup, loosen very tight tolerances, or increase "
+            f"localization.",
+            SamplerWarning,
+        )
+    sample_stats = {
+        "diverging": diverging,
+        "num_steps": stats["num_steps"],
+        "tree_depth": np.where(
+            stats["num_steps"] > 0, np.floor(np.log2(np.maximum(stats["num_steps"], 1))) + 1, 0
+        ).astype(np.int64),
+        "accept_prob": stats["accept_prob"],
+        "step_size": stats["step_size"],
+        "potential_energy": stats["potential_energy"],
+        "energy": stats["energy"],
+    }
+    settings = {
+        "method": method,
+        "backend": "numpyro",
+        "chains": chains,
+        "warmup": warmup,
+        "draws": draws,
+        "seed": int(seed),
+        "chain_seeds": seeds,
+        "chain_method": chain_method,
+        "x64": use64,
+        "target_accept": float(target_accept),
+        "max_tree_depth": int(max_tree_depth),
+        "dense_mass": bool(dense_mass),
+        "step_size": step_size,
+        "num_steps": num_steps,
+        "init_jitter": float(init_jitter),
+        "adapt_step_size": bool(adapt_step_size),
+        "adapt_mass_matrix": bool(adapt_mass_matrix),
+        "block_size": block_size,
+        "export_time_s": export_s,
+        "export_cached": cached_export,
+        "compile_time_s": compile_s,
+        "compile_cached": hit is not None,
+        "run_time_s": run_s,
+        "wall_time_s": compile_s + run_s,
+        "gradient_evaluations": grads,
+        "warmup_divergences": warm_div.tolist(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "versions": _jax_versions(),
+    }
+    W = torch.as_tensor(out).to(dtype=post.dtype, device=post.device)
+    return ReferenceClass.from_draws(post, W, settings=settings, sample_stats=sample_stats)
+
+
+def _jax_versions() -> dict:
+    import jax
+    import numpyro
+
+    return {"jax": jax.__version__, "numpyro": numpyro.__version__}
+
+
+# ---------------------------------------------------------------------------- SVI
+def run_numpyro_svi(
+    post: LocalPosterior,
+    *,
+    guide: str = "normal",
+    steps: int = 2000,
+    seed: int = 0,
+    lr: float = 0.01,
+    lr_decay: float = 0.01,
+    num_particles: int = 1,
+    rank: int | None = None,
+    init_scale: float | None = None,
+    average: float = 0.25,
+    progress: bool = True,
+    x64: bool | None = None,
+    block_size: int | None = None,
+    **unknown,
+):
+    """Jitted SVI in JAX on the exported potential; the same guides as the Pyro side.
+
+    The target is ``exp(−U(w))``; the guides are Gaussians over the flat ``w`` started at
+    ``w*``:
+
+    * ``"normal"``: ``N(m, diag(s²))``, ``s = softplus(ŝ)``;
+    * ``"lowrank"``: ``N(m, FFᵀ + diag(s²))`` with ``F = V·diag(s)``, ``V`` of
+      ``rank`` columns (default ``⌈√d⌉``) initialised ``N(0, 1/rank)``;
+    * ``"mvn"``: ``N(m, LLᵀ)`` with ``L = diag(s)·T``, ``T`` unit lower triangular.
+
+    The negative ELBO ``E_q[U(w) + log q(w)] − (d/2)log(γ/2π)`` is minimised with Adam
+    (Kingma & Ba 2015; learning rate decayed geometrically by ``lr_decay`` over the run)
+    using the reparameterised "sticking the landing" gradient (Roeder, Wu & Duvenaud
+    2017: ``log q`` evaluated with stopped parameters). The returned moments are
+    Polyak–Ruppert averages over the final ``average`` fraction of steps.
+
+    Returns
+    -------
+    condpost.infer.svi.SVIResult
+        ``.mean``, ``.covariance()``, ``.sample(n, seed=...)`` → ``ReferenceClass``.
+    """
+    from .svi import SVIResult
+
+    _unknown(
+        unknown,
+        (
+            "guide",
+            "steps",
+            "seed",
+            "lr",
+            "lr_decay",
+            "num_particles",
+            "rank",
+            "init_scale",
+            "average",
+            "progress",
+            "x64",
+            "block_size",
+        ),
+    )
+    if guide not in ("normal", "lowrank", "mvn"):
+        raise ValueError(
+            f"guide={guide!r} is not available; choose one of ['lowrank', 'mvn', 'normal']"
+        )
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive; got {lr!r}")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay must lie in (0, 1]; got {lr_decay!r}")
+    if int(num_particles) != num_particles or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer; got {num_particles!r}")
+    if not 0 <= average < 1:
+        raise ValueError(
+            f"average (fraction of final steps to average) must be in [0, 1); got {average}"
+        )
+    jax = _import_jax()
+    import jax.numpy as jnp
+    from jax import lax
+
+    steps = int(steps)
+    d = post.d
+    sd = post.localization**-0.5
+    if init_scale is None:
+        init_scale = 0.1 * min(sd, 1.0)
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be positive; got {init_scale!r}")
+    if rank is None:
+        rank = int(math.ceil(d**0.5))
+    if guide == "lowrank" and (int(rank) != rank or rank < 1):
+        raise ValueError(f"rank must be a positive integer; got {rank!r}")
+    rank = int(rank)
+    if block_size is None:
+        block_size = int(min(500, max(1, math.ceil(steps / 20))))
+    use64 = _use_x64(post, x64)
+    avg_from = steps - int(average * steps)
+    log_norm = 0.5 * d * math.log(post.localization / (2 * math.pi))
+    gamma = float(lr_decay) ** (1.0 / max(steps, 1))
+
+    def softplus_inv(y):
+        return y + math.log(-math.expm1(-y))
+
+    with jax.enable_x64(use64):
+        jp, export_s, _ = _cached_export(post, use64)
+        U = jp.potential
+        fdtype = jnp.float64 if use64 else jnp.float32
+        center = jnp.asarray(post.center.detach().cpu().numpy(), dtype=fdtype)
+        key = jax.random.PRNGKey(int(seed))
+        key, kinit = jax.random.split(key)
+        s0 = jnp.full((d,), softplus_inv(float(init_scale)), fdtype)
+        params = {"loc": center + 0.0, "raw_scale": s0}
+        if guide == "lowrank":
+            params["V"] = jax.random.normal(kinit, (d, rank), fdtype) / math.sqrt(rank)
+        elif guide == "mvn":
+            params["T"] = jnp.zeros((d, d), fdtype)
+        tril = jnp.tril(jnp.ones((d, d), bool), -1)
+
+        def moments(p):
+            s = jax.nn.softplus(p["raw_scale"])
+            if guide == "normal":
+                return {"loc": p["loc"], "var": s * s}
+            if guide == "lowrank":
+                return {"loc": p["loc"], "cov_factor": p["V"] * s[:, None], "cov_diag": s * s}
+            L = s[:, None] * (jnp.where(tril, p["T"], 0.0) + jnp.eye(d, dtype=fdtype))
+            return {"loc": p["loc"], "cov": L @ L.T, "L": L}
+
+        def sample_logq(p, eps, eps2):
+            """Reparameterised draw and log q at stopped parameters (STL)."""
+            m = moments(p)
+            ms = jax.tree.map(lax.stop_gradient, m)
+            if guide == "normal":
+                s = jnp.sqrt(m["var"])
+                w = m["loc"] + s * eps
+                ss = jnp.sqrt(ms["var"])
+                z = (w - ms["loc"]) / ss
+                logq = (
+                    -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(ss)) - 0.5 * d * math.log(2 * math.pi)
+                )
+                return w, logq
+            half_log2pi = 0.5 * d * math.log(2 * math.pi)
+            if guide == "lowrank":
+                # Σ = D + FFᵀ: Woodbury identity and the matrix determinant lemma with the
+                # r×r capacitance K = I + FᵀD⁻¹F (no d×d factorisation)
+                F, s2 = m["cov_factor"], m["cov_diag"]
+                w = m["loc"] + F @ eps2 + jnp.sqrt(s2) * eps
+                Fs, s2s = ms["cov_factor"], ms["cov_diag"]
+                r = w - ms["loc"]
+                Dinv_r = r / s2s
+                K = jnp.eye(rank, dtype=fdtype) + Fs.T @ (Fs / s2s[:, None])
+                Lk = jnp.linalg.cholesky(K)
+                y = jax.scipy.linalg.solve_triangular(Lk, Fs.T @ Dinv_r, lower=True)
+                quad = r @ Dinv_r - y @ y
+                logdet = jnp.sum(jnp.log(s2s)) + 2 * jnp.sum(jnp.log(jnp.diag(Lk)))
+                return w, -0.5 * quad - 0.5 * logdet - half_log2pi
+            # mvn: L = diag(s)·T is the Cholesky factor itself (unit-diagonal T, s > 0)
+            w = m["loc"] + m["L"] @ eps
+            z = jax.scipy.linalg.solve_triangular(ms["L"], w - ms["loc"], lower=True)
+            logq = -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(jnp.diag(ms["L"]))) - half_log2pi
+            return w, logq
+
+        def loss_fn(p, k):
+            ka, kb = jax.random.split(k)
+            eps = jax.random.normal(ka, (int(num_particles), d), fdtype)
+            eps2 = jax.random.normal(kb, (int(num_particles), rank), fdtype)
+
+            def one(e, e2):
+                w, logq = sample_logq(p, e, e2)
+                return U(w) + logq
+
+            return jnp.mean(jax.vmap(one)(eps, eps2)) - log_norm
+
+        vg = jax.value_and_grad(loss_fn)
+        b1, b2, eps_adam = 0.9, 0.999, 1e-8
+
+        def adam_step(p, opt, g):
+            # torch.optim.Adam semantics (bias-corrected moments), lr_t = lr·γ^t
+            t0_, m0, v0 = opt
+            t = t0_ + 1
+            m = jax.tree.map(lambda a, b: b1 * a + (1 - b1) * b, m0, g)
+            v = jax.tree.map(lambda a, b: b2 * a + (1 - b2) * b * b, v0, g)
+            lr_t = float(lr) * gamma ** (t - 1).astype(fdtype)
+            bc1 = 1 - b1 ** t.astype(fdtype)
+            bc2 = 1 - b2 ** t.astype(fdtype)
+            p = jax.tree.map(
+                lambda x, a, b: x - lr_t * (a / bc1) / (jnp.sqrt(b / bc2) + eps_adam), p, m, v
+            )
+            return p, (t, m, v)
+
+        def avg_moments(p):
+            m = moments(p)
+            m.pop("L", None)
+            return m
+
+        def run_block(carry, n):
+            def body(i, c):
+                p, (t, m1, v1), k, acc, navg, losses = c
+                k, sub = jax.random.split(k)
+                val, g = vg(p, sub)
+                p, (t, m1, v1) = adam_step(p, (t, m1, v1), g)
+                losses = lax.dynamic_update_index_in_dim(losses, val, i, 0)
+                take = t > avg_from  # step index t-1 ≥ avg_from
+                navg2 = navg + take.astype(fdtype)
+                cur = avg_moments(p)
+                acc = jax.tree.map(
+                    lambda a, x: jnp.where(take, a + (x - a) / jnp.maximum(navg2, 1.0), a), acc, cur
+                )
+                return p, (t, m1, v1), k, acc, navg2, losses
+
+            p, opt, k, acc, navg = carry
+            losses = jnp.zeros((block_size,), fdtype)
+            p, opt, k, acc, navg, losses = lax.fori_loop(0, n, body, (p, opt, k, acc, navg, losses))
+            return (p, opt, k, acc, navg), losses
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        opt0 = (jnp.asarray(0, jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+        acc0 = jax.tree.map(jnp.zeros_like, avg_moments(params))
+        carry = (params, opt0, key, acc0, jnp.asarray(0.0, fdtype))
+        t0 = time.perf_counter()
+        compiled = jax.jit(run_block).lower(carry, 0).compile()
+        compile_s = time.perf_counter() - t0
+        losses = np.empty(steps)
+        t1 = time.perf_counter()
+        bar = tqdm(total=steps, desc=f"SVI ({guide}, numpyro)", disable=not progress, leave=False)
+        done = 0
+        try:
+            while done < steps:
+                nb = min(block_size, steps - done)
+                carry, ls = compiled(carry, nb)
+                losses[done : done + nb] = np.asarray(ls[:nb], dtype=np.float64)
+                if not np.all(np.isfinite(losses[done : done + nb])):
+                    i = done + int(np.argmin(np.isfinite(losses[done : done + nb])))
+                    raise FloatingPointError(
+                        f"SVI loss became non-finite at step {i}; lower lr (now {lr}) or init_scale"
+                    )
+                done += nb
+                if progress:
+                    bar.set_postfix(loss=f"{losses[done - 1]:.4g}", refresh=False)
+                bar.update(nb)
+        finally:
+            bar.close()
+        run_s = time.perf_counter() - t1
+        params, _, _, acc, navg = carry
+        if float(navg) == 0:
+            acc = avg_moments(params)
+        acc = {k: torch.from_numpy(np.array(v)) for k, v in acc.items()}
+
+    tdt = post.dtype
+    acc = {k: v.to(dtype=tdt, device=post.device) for k, v in acc.items()}
+    if guide == "normal":
+        fitted = torch.distributions.Independent(
+            torch.distributions.Normal(acc["loc"], acc["var"].sqrt()), 1
+        )
+    elif guide == "lowrank":
+        fitted = torch.distributions.LowRankMultivariateNormal(
+            acc["loc"], acc["cov_factor"], acc["cov_diag"]
+        )
+    else:
+        fitted = torch.distributions.MultivariateNormal(acc["loc"], covariance_matrix=acc["cov"])
+    if len(losses) >= 200:
+        k = len(losses) // 10
+        tail, before = losses[-k:], losses[-3 * k : -k]
+        if np.mean(tail) > np.mean(before) + 4 * np.std(before) / np.sqrt(len(before)) + 1e-9:
+            warn(
+                "the SVI loss rose over the last tenth of the run; the fit may not have "
+                "converged. Lower lr or raise steps.",
+                SamplerWarning,
+            )
+    settings = {
+        "method": "svi",
+        "backend": "numpyro",
+        "guide": guide,
+        "steps": steps,
+        "seed": int(seed),
+        "lr": float(lr),
+        "lr_decay": float(lr_decay),
+        "num_particles": int(num_particles),
+        "rank": rank if guide == "lowrank" else None,
+        "init_scale": float(init_scale),
+        "average": float(average),
+        "x64": use64,
+        "export_time_s": export_s,
+        "compile_time_s": compile_s,
+        "run_time_s": run_s,
+        "wall_time_s": compile_s + run_s,
+        "gradient_evaluations": steps * int(num_particles),
+        "versions": _jax_versions(),
+    }
+    return SVIResult(post, guide, fitted, losses, settings)
