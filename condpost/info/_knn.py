@@ -202,3 +202,58 @@ def kth_distance(
 def log_unit_ball_volume(d: int) -> float:
     """``log V_d`` of the Euclidean unit ball, ``V_d = π^{d/2} / Γ(d/2 + 1)``."""
     return 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1.0)
+
+
+def mixed_counts(
+    labels: np.ndarray,
+    y: np.ndarray,
+    k: np.ndarray,
+    *,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    block: int | None = None,
+    workers: int = -1,
+) -> tuple[np.ndarray, str]:
+    """Counts for the discrete–continuous kNN estimator (Ross 2014, PLoS ONE 9:e87357).
+
+    For each sample ``i``, ``d_i`` is the max-norm distance from ``y_i`` to its ``k_i``-th
+    nearest neighbour *among samples with the same label*; returns ``m_i``, the number of
+    samples of any label (other than ``i``) at distance ``≤ d_i``.
+    """
+    n, dim = y.shape
+    if backend == "auto":
+        backend = choose_backend(n, dim, device)
+    if backend == "tree":
+        from scipy.spatial import cKDTree
+
+        d = np.empty(n)
+        for c in np.unique(labels):
+            sel = np.flatnonzero(labels == c)
+            kc = int(k[sel[0]])
+            dist, _ = cKDTree(y[sel]).query(y[sel], k=kc + 1, p=np.inf, workers=workers)
+            d[sel] = dist[:, -1] if dist.ndim == 2 else dist
+        m = cKDTree(y).query_ball_point(y, d, p=np.inf, return_length=True, workers=workers)
+        return np.asarray(m, np.int64) - 1, backend
+    if backend != "brute":
+        raise ValueError(f"backend must be 'auto', 'tree' or 'brute'; got {backend!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    yt = torch.as_tensor(y, dtype=torch.float32, device=dev)
+    lt = torch.as_tensor(labels, device=dev)
+    kt = torch.as_tensor(k, device=dev, dtype=torch.int64)
+    kmax = int(k.max()) + 1
+    bs = _block_size(n, dev, block)
+    out = torch.empty(n, dtype=torch.int32, device=dev)
+    for s in range(0, n, bs):
+        e = min(n, s + bs)
+        dist = _maxnorm(yt[s:e], yt)
+        same = lt[s:e, None] == lt[None, :]
+        vals = torch.topk(
+            torch.where(same, dist, torch.full_like(dist, float("inf"))),
+            kmax,
+            dim=1,
+            largest=False,
+            sorted=True,
+        ).values
+        di = vals.gather(1, kt[s:e, None])  # index k_i: the k_i-th other (self is at 0)
+        out[s:e] = _count(dist <= di) - 1
+    return out.cpu().numpy().astype(np.int64), backend

@@ -143,6 +143,18 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
         )
 
 
+def _shape2(a: Any, name: str) -> tuple[int, int]:
+    shp = tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
+    if len(shp) == 1:
+        return int(shp[0]), 1
+    if len(shp) != 2:
+        raise ValueError(
+            f"{name} must have shape [N] or [N, d]; got {shp}. Flatten the feature "
+            f"dimensions with {name}.reshape(N, -1)."
+        )
+    return int(shp[0]), int(shp[1])
+
+
 def _pair(x: Any, y: Any, discrete: bool = False) -> tuple[np.ndarray, np.ndarray]:
     xa, ya = _as_2d(x, "x", discrete=discrete), _as_2d(y, "y", discrete=discrete)
     if xa.shape[0] != ya.shape[0]:
@@ -429,6 +441,63 @@ def _mi_copula_ksg(x, y, *, k, variant, stderr, rng, knn, n_subsets, n_surrogate
 
 
 # --------------------------------------------------------------------------------------
+# discrete-continuous kNN (Ross 2014)
+# --------------------------------------------------------------------------------------
+
+
+def _mixed_value(labels: np.ndarray, y: np.ndarray, k: int, knn: dict) -> float:
+    """Ross (2014, PLoS ONE 9:e87357): ``ψ(N) − ⟨ψ(N_{x_i})⟩ + ⟨ψ(k_i)⟩ − ⟨ψ(m_i)⟩``.
+
+    ``N_{x_i}`` is the number of samples sharing ``x_i``; ``k_i = min(k, N_{x_i} − 1)``.
+    """
+    n = labels.shape[0]
+    counts = np.bincount(labels)
+    nx = counts[labels]
+    ki = np.minimum(k, nx - 1)
+    m, _ = _knn.mixed_counts(labels, y, ki, **knn)
+    return float(digamma(n) - np.mean(digamma(nx)) + np.mean(digamma(ki)) - np.mean(digamma(m)))
+
+
+def _mi_mixed(labels, y, *, k, standardize, stderr, rng, knn, n_subsets, notes):
+    n = labels.shape[0]
+    k = _check_k(k, n)
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < 2:
+        raise ValueError(
+            f"the discrete argument has {int(np.sum(counts == 1))} value(s) seen only once; "
+            "the discrete-continuous kNN estimator needs at least 2 samples per value. "
+            "Merge rare values or collect more samples."
+        )
+    if standardize:
+        y = _standardize(y)
+    val = _mixed_value(labels, y, k, knn)
+    se_method = _resolve_stderr(stderr, "subsample", ("subsample",), "mixed")
+    se, extra = float("nan"), {}
+    if se_method == "subsample":
+
+        def fn(lab, yy):
+            _, lab = np.unique(lab, return_inverse=True)
+            c = np.bincount(lab)
+            if c.min() < 2:
+                return float("nan")
+            return _mixed_value(lab, yy, k, knn)
+
+        se, b = _subsample_se(fn, (labels, y), n_subsets, rng, min_n=max(50, 10 * counts.size))
+        extra["n_subsets"] = b
+    settings = {
+        "k": k,
+        "metric": "max-norm",
+        "standardize": bool(standardize),
+        "stderr": se_method,
+        "backend": knn["backend"]
+        if knn["backend"] != "auto"
+        else _knn.choose_backend(n, y.shape[1], knn["device"]),
+        **extra,
+    }
+    return val, se, settings, {}
+
+
+# --------------------------------------------------------------------------------------
 # plug-in (discrete)
 # --------------------------------------------------------------------------------------
 
@@ -470,6 +539,7 @@ MI_ESTIMATORS = (
     "gaussian",
     "copula",
     "plugin",
+    "mixed",
     "infonce",
     "smile",
 )
@@ -482,6 +552,12 @@ _AUTO_NEURAL_DIM = 100
 def _auto_mi(x_raw, y_raw, n, dx, dy, device) -> tuple[str, str]:
     if _is_discrete_dtype(x_raw) and _is_discrete_dtype(y_raw):
         return "plugin", "both arguments have integer/bool dtype"
+    if _is_discrete_dtype(x_raw) or _is_discrete_dtype(y_raw):
+        which = "x" if _is_discrete_dtype(x_raw) else "y"
+        return "mixed", (
+            f"{which} has integer/bool dtype (discrete) and the other is continuous: the "
+            "discrete-continuous kNN estimator of Ross (2014)"
+        )
     d = dx + dy
     if d > _AUTO_NEURAL_DIM and n >= 2000:
         return "smile", (
@@ -523,9 +599,11 @@ def mutual_information(
     x, y : array ``[N]`` or ``[N, d]`` (numpy or torch; rows are paired samples)
     estimator : str
         ``"auto"`` (default; see below), ``"copula_ksg"``, ``"ksg"``/``"ksg1"``,
-        ``"ksg2"``, ``"gaussian"``, ``"copula"``, ``"plugin"``, ``"infonce"``, ``"smile"``.
+        ``"ksg2"``, ``"gaussian"``, ``"copula"``, ``"plugin"``, ``"mixed"`` (one argument
+        discrete, the other continuous), ``"infonce"``, ``"smile"``.
     k : int, optional
-        Neighbour order for kNN estimators (default 10 for ``ksg``, 5 for ``copula_ksg``).
+        Neighbour order for kNN estimators (default 10 for ``ksg``, 5 for ``copula_ksg``,
+        3 for ``mixed``).
     standardize : bool
         Scale each coordinate to zero mean and unit variance first (MI is invariant to
         this; kNN and neural estimators are not). Rank-based estimators ignore it.
@@ -539,7 +617,7 @@ def mutual_information(
         Estimator options: ``variant`` (1 or 2, KSG), ``backend`` (``"auto"``, ``"tree"``,
         ``"brute"``), ``device``, ``block``, ``n_subsets`` (10), ``n_boot`` (200),
         ``n_surrogates`` (1), ``bias_correct`` (True, Gaussian), ``miller_madow`` (False,
-        plug-in), neural options (``batch_size``, ``steps``, ``lr``, ``hidden``, ``clip``,
+        plug-in), ``discrete`` (``"x"`` or ``"y"``, mixed; default: the integer-typed one), neural options (``batch_size``, ``steps``, ``lr``, ``hidden``, ``clip``,
         ``progress``).
 
     Returns
@@ -548,7 +626,8 @@ def mutual_information(
 
     Notes
     -----
-    ``"auto"`` picks: ``plugin`` when both arguments have integer/bool dtype; otherwise
+    ``"auto"`` picks: ``plugin`` when both arguments have integer/bool dtype; ``mixed`` when
+    exactly one has; otherwise
     ``copula_ksg`` (KSG on per-coordinate normal scores minus the KSG bias measured on a
     Gaussian surrogate with the same correlation); ``copula`` when ``N ≤ dx + dy + 1`` or the
     exact kNN work would be excessive on CPU; ``smile`` when ``dx + dy > 100`` and
@@ -564,18 +643,30 @@ def mutual_information(
     rng = np.random.default_rng(seed)
     notes: list[str] = []
     device = _device_of(x, y)
-    discrete_in = estimator == "plugin" or (
-        estimator == "auto" and _is_discrete_dtype(x) and _is_discrete_dtype(y)
-    )
     x_raw, y_raw = x, y
-    x, y = _pair(x, y, discrete=discrete_in)
-    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    n, dx = _shape2(x, "x")
+    dy = _shape2(y, "y")[1]
     picked = estimator
     if estimator == "auto":
         picked, why = _auto_mi(x_raw, y_raw, n, dx, dy, device)
         notes.append(f"auto picked {picked!r}: {why}")
-        if picked != "plugin" and discrete_in:  # pragma: no cover - defensive
-            x, y = _pair(x_raw, y_raw)
+    if picked == "mixed":
+        which = opts.pop("discrete", None)
+        if which is None:
+            which = "y" if (_is_discrete_dtype(y_raw) and not _is_discrete_dtype(x_raw)) else "x"
+        if which not in ("x", "y"):
+            raise ValueError(f"discrete must be 'x' or 'y' (the discrete argument); got {which!r}")
+        other = "y" if which == "x" else "x"
+        lab = _as_2d(x_raw if which == "x" else y_raw, which, discrete=True)
+        cont = _as_2d(y_raw if which == "x" else x_raw, other)
+        if lab.shape[0] != cont.shape[0]:
+            raise ValueError(
+                f"x and y must hold the same number of samples; got {lab.shape[0]} and "
+                f"{cont.shape[0]}"
+            )
+        x, y = lab, cont
+    else:
+        x, y = _pair(x_raw, y_raw, discrete=picked == "plugin")
     if picked == "ksg":
         picked = "ksg1"
     n_subsets = int(opts.pop("n_subsets", 10))
@@ -664,6 +755,24 @@ def mutual_information(
                 "is biased upward (try miller_madow=True, or more samples)"
             )
         details = {"bound": math.log(min(kx, ky))}
+    elif picked == "mixed":
+        variant_k = 3 if k is None else k
+        knn = _knn_opts(opts, device)
+        _no_left(opts, picked)
+        labels, kx = _symbols(x)
+        val, se, settings, details = _mi_mixed(
+            labels,
+            y,
+            k=variant_k,
+            standardize=standardize,
+            stderr=stderr,
+            rng=rng,
+            knn=knn,
+            n_subsets=n_subsets,
+            notes=notes,
+        )
+        settings["discrete"] = which
+        details["bound"] = math.log(kx)
     elif picked in ("infonce", "smile"):
         from ._neural import neural_mi
 
