@@ -155,7 +155,12 @@ def _cached_export(post, use64: bool):
     cache = jp_cache(post, use64)
     if "export" in cache:
         return cache["export"], 0.0, True
+    import jax
+
     jp, secs = export_potential(post, x64=use64)
+    # one jitted wrapper per export: NumPyro's (eager) kernel init then compiles U once,
+    # instead of dispatching the exported graph op by op; inside the sampler it inlines
+    cache["potential"] = jax.jit(jp.potential)
     cache["export"] = jp
     return jp, secs, False
 
@@ -369,7 +374,7 @@ def run_numpyro_mcmc(
         ckey = ("mcmc", tuple(sorted(kernel_kw.items())), chains, chain_method, warmup, block_size)
         hit = jp_cache(post, use64).get(ckey)
         if hit is None:
-            kernel = _make_kernel(jp.potential, **kernel_kw)
+            kernel = _make_kernel(jp_cache(post, use64)["potential"], **kernel_kw)
         else:
             kernel, compiled, batch_axis = hit
         if chain_method == "vectorized":
