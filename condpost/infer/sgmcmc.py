@@ -228,6 +228,9 @@ def _potential_fns(
         return g, u.detach(), loss.detach()
 
     def loop(w, XB, YB):
+        if w.shape[0] == 1:
+            u, loss = u_batch(w[0], XB[0], YB[0])
+            return u.unsqueeze(0), loss.unsqueeze(0)
         outs = [u_batch(w[c], XB[c], YB[c]) for c in range(w.shape[0])]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
@@ -305,6 +308,8 @@ def _batch_drawer(post: LocalPosterior, batch_size: int):
         m = batch_size if m is None else int(m)
         if m >= n:
             idx = torch.arange(n, device=dev).expand(len(gens), n)
+        elif len(gens) == 1:
+            idx = torch.randint(n, (1, m), generator=gens[0], device=dev)
         else:
             idx = torch.stack([torch.randint(n, (m,), generator=g, device=dev) for g in gens])
         return X[idx], Y[idx]
