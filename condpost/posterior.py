@@ -442,9 +442,10 @@ class LocalPosterior:
 
         Parameters
         ----------
-        method : {"nuts", "hmc", "sgld", "rmsprop_sgld", "sghmc"}
-            Sampler. NUTS/HMC are full-batch (THEORY §1.5); the SG-MCMC methods use
-            minibatches and vectorized chains (``condpost.infer.sgmcmc``).
+        method : {"nuts", "hmc", "chees", "sgld", "rmsprop_sgld", "sghmc"}
+            Sampler. NUTS/HMC are full-batch (THEORY §1.5); ``"chees"`` is many-chain
+            ChEES-HMC on JAX (``backend="jax"``, ``condpost.infer.chees.run_chees``); the
+            SG-MCMC methods use minibatches and vectorized chains (``condpost.infer.sgmcmc``).
         chains : int
             Number of chains (default 4). They run one after another, each started at
             ``w*``.
@@ -491,6 +492,15 @@ class LocalPosterior:
                 f"backend={backend!r} is not available for method={method!r}; choose 'pyro' or "
                 f"'numpyro'"
             )
+        if method == "chees":
+            if backend not in ("jax", "numpyro"):
+                raise ValueError(
+                    f"backend={backend!r} is not available for method='chees': many-chain "
+                    f"ChEES-HMC runs on the potential exported to JAX; pass backend='jax'"
+                )
+            from .infer.chees import run_chees
+
+            return run_chees(self, **common, **kwargs)
         if method in SGMCMC_METHODS:
             if backend not in ("pyro", "torch"):
                 raise ValueError(
@@ -502,7 +512,7 @@ class LocalPosterior:
             return run_sgmcmc(self, method=method, **common, **kwargs)
         from ._errors import nearest
 
-        known = ["nuts", "hmc", *SGMCMC_METHODS]
+        known = ["nuts", "hmc", "chees", *SGMCMC_METHODS]
         raise ValueError(
             f"method={method!r} is not available; choose one of {known}"
             + (f" (did you mean {nearest(method, known)}?)" if nearest(method, known) else "")
