@@ -276,8 +276,8 @@ def run_numpyro_mcmc(
     x64 : bool, optional
         Run in float64 (``True``) or float32 (``False``); default: the declaration's dtype.
     block_size : int, optional
-        Iterations per compiled block between progress-bar updates (default: about 1/20
-        of the run, at most 200). Does not change the draws.
+        Iterations per compiled block between progress-bar updates (default 50). Does not
+        change the draws.
 
     Returns
     -------
@@ -338,7 +338,7 @@ def run_numpyro_mcmc(
         )
     total = warmup + draws
     if block_size is None:
-        block_size = int(min(200, max(1, math.ceil(total / 20))))
+        block_size = 50  # fixed, so runs differing only in draws share one compilation
     if int(block_size) != block_size or block_size < 1:
         raise ValueError(f"block_size must be a positive integer; got {block_size!r}")
     block_size = int(block_size)
