@@ -250,3 +250,28 @@ def test_bad_options_raise_clear_errors():
         post.fit("svi", backend="numpyro", guide="flow")
     with pytest.raises(TypeError, match="unknown option"):
         post.fit("svi", backend="numpyro", step=10)
+
+
+@pytest.mark.slow
+def test_parallel_chains_equal_sequential_chains():
+    """chain_method='parallel' (pmap, one chain per device; 2 CPU devices forced in a
+    subprocess) gives the same draws, bit for bit, as 'sequential'."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import os\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import numpy as np\n"
+        "from analytic import make_problem\n"
+        "from test_linear_gaussian import _declare\n"
+        "_, post = _declare(make_problem(seed=1), False)\n"
+        "kw = dict(backend='numpyro', chains=2, warmup=200, draws=300, seed=1, progress=False)\n"
+        "a = post.sample('nuts', **kw)\n"
+        "b = post.sample('nuts', chain_method='sequential', **kw)\n"
+        "print(a.settings['chain_method'], np.array_equal(a.flat(), b.flat()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["parallel", "True"], out.stdout + out.stderr
