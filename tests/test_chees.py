@@ -1,0 +1,281 @@
+"""Many-chain ChEES-HMC (condpost.infer.chees) against THEORY §4.1's exact posterior.
+
+The declaration is the one of tests/test_linear_gaussian.py (bias-free linear layer,
+Gaussian likelihood, activation and zero-pattern constraints), so π_C = N(μ, Σ) exactly
+(tests/analytic.py). Tolerances are those of the NUTS test: Monte Carlo standard errors
+from ArviZ's ESS (an implementation independent of condpost's).
+
+Cost: one export and two compilations (init and one block program) serve every default
+test; runs that differ only in seed, draws, warmup or tuning constants reuse them.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import arviz as az
+import numpy as np
+import pytest
+from analytic import make_problem
+from test_linear_gaussian import _declare
+
+from condpost._errors import SamplerWarning
+from condpost.infer.chees import default_superchains, nested_rhat
+
+pytest.importorskip("jax")
+
+CHAINS, WARMUP, DRAWS, BLOCK = 64, 200, 60, 50
+RUN = dict(backend="jax", chains=CHAINS, warmup=WARMUP, block_size=BLOCK, progress=False)
+
+
+def _ess(x):
+    """Bulk ESS per coordinate from ArviZ, x: [chains, draws, d]."""
+    return np.array([float(az.ess(x[..., i], method="mean")) for i in range(x.shape[-1])])
+
+
+def check_exact_posterior(prob, ref, min_ess=2000):
+    """Means (4 SE), covariance entry by entry (4.5 SE, ESS of the products) and
+    E[nβΔL] (4 SE) against the closed form; the same checks as the NUTS test."""
+    mu, Sigma = prob.posterior()
+    W = ref.flat()  # [C, S, d]
+    flat = W.reshape(-1, prob.d)
+    ess = _ess(W)
+    assert ess.min() >= min_ess, f"ESS too small for the covariance test: {ess.min():.0f}"
+    se = np.sqrt(np.diag(Sigma)) / np.sqrt(ess)
+    err = np.abs(flat.mean(0) - mu)
+    assert np.all(err <= 4 * se), f"mean error / se = {err / se}"
+    # Σ_ij is the mean of (w_i − μ_i)(w_j − μ_j); its MC SE is the SD of that product over
+    # √ESS of the product. 21 entries at 4.5 SE: a false alarm rate of ~1e-4.
+    Z = W - mu
+    z_scores = []
+    for i, j in zip(*np.triu_indices(prob.d), strict=True):
+        prod = Z[..., i] * Z[..., j]
+        se_ij = prod.std() / np.sqrt(float(az.ess(prod, method="mean")))
+        z_scores.append((prod.mean() - Sigma[i, j]) / se_ij)
+    z_scores = np.abs(np.array(z_scores))
+    assert z_scores.max() <= 4.5, f"covariance error / se = {np.round(z_scores, 2)}"
+    # E[nβ ΔL] from the draws with NumPy (not with condpost's loss)
+    dl = np.array([prob.nbeta_L(w) for w in flat]) - prob.nbeta_L(prob.w_star)
+    exact = prob.expected_nbeta_dL()
+    dl_se = dl.std() / np.sqrt(float(az.ess(dl.reshape(W.shape[:2]), method="mean")))
+    assert abs(dl.mean() - exact) <= 4 * dl_se, (dl.mean(), exact, dl_se)
+    lam = ref.llc(warn_user=False)
+    assert abs(lam.mean - dl.mean()) < 1e-8 * max(1.0, abs(exact))
+
+
+@pytest.fixture(scope="module")
+def case():
+    """The hardest §4.1 case (constraints, w* off the optimum) and one ChEES run."""
+    prob = make_problem(seed=1, perturb=0.05)
+    w0 = prob.w_star.copy()
+    net, post = _declare(prob, True)
+    ref = post.sample("chees", draws=DRAWS, seed=3, **RUN)
+    return prob, net, post, ref, w0
+
+
+def test_chees_matches_exact_posterior(case):
+    prob, net, post, ref, w0 = case
+    assert ref.flat().shape == (CHAINS, DRAWS, prob.d)
+    check_exact_posterior(prob, ref)
+    s = ref.settings
+    assert s["method"] == "chees" and s["backend"] == "jax" and s["x64"] is True
+    assert s["superchains"] == default_superchains(CHAINS) == 16
+    # nested R-hat recorded in the settings equals the diagnostic on the returned draws
+    nr = s["nested_rhat"]
+    assert nr["L_n"] == pytest.approx(nested_rhat(ref.loss(), 16), rel=1e-12)
+    assert nr["worst_weight"] == pytest.approx(np.nanmax(nested_rhat(ref.flat(), 16)))
+    assert max(nr["L_n"], nr["worst_weight"]) < 1.01
+    st = ref.stat("sampler/num_steps")
+    assert st.shape == (CHAINS, DRAWS) and (st >= 1).all()
+    assert (st == st[:1]).all()  # all chains integrate the same number of steps
+    grads = s["gradient_evaluations"]
+    assert grads >= CHAINS * (WARMUP + DRAWS)  # at least one leapfrog step per iteration
+    assert ref.diverging.sum() == 0
+    # nothing moved w*
+    assert np.array_equal(prob.w_star, w0)
+    assert np.allclose(net.weight.detach().numpy().ravel(), w0)
+
+
+def test_same_seed_same_draws(case):
+    """Draw s depends only on (seed, chains, warmup, settings): a shorter run with the same
+    seed reproduces the first draws exactly, with or without a progress bar; another seed
+    does not."""
+    prob, _, post, ref, _ = case
+    short = post.sample("chees", draws=10, seed=3, **{**RUN, "progress": True})
+    assert short.settings["compile_cached"]  # seed and draws reuse the compiled programs
+    np.testing.assert_array_equal(short.flat(), ref.flat()[:, :10])
+    for k in ("diverging", "accept_prob", "step_size", "num_steps"):
+        np.testing.assert_array_equal(
+            short.stat(f"sampler/{k}"), ref.stat(f"sampler/{k}")[:, :10], err_msg=k
+        )
+    other = post.sample("chees", draws=10, seed=4, **RUN)
+    assert not np.allclose(other.flat(), short.flat())
+    assert short.settings["export_cached"] and other.settings["export_cached"]
+
+
+def test_divergences_are_counted_and_kept(case):
+    """A step size far beyond the posterior scale (SD ≈ 0.05) makes every trajectory blow
+    up: each draw is flagged divergent (energy error > 1000 or non-finite), kept, and the
+    chains stay at w*."""
+    prob, _, post, _, _ = case
+    with pytest.warns(SamplerWarning) as rec:
+        ref = post.sample(
+            "chees",
+            draws=10,
+            seed=5,
+            **{**RUN, "warmup": 0},
+            step_size=30.0,
+            adapt_step_size=False,
+        )
+    assert any("divergent transition" in str(w.message) for w in rec)
+    assert ref.flat().shape == (CHAINS, 10, prob.d)  # nothing dropped
+    assert ref.diverging.all()
+    err = ref.stat("sampler/energy_error")
+    assert np.all(~np.isfinite(err) | (err > 1000))
+    assert np.allclose(ref.flat(), prob.w_star)  # every proposal rejected
+    assert ref.stat("sampler/step_size")[0, 0] == pytest.approx(30.0)
+    summ = ref.summary(warn_user=False)
+    assert summ.divergences == CHAINS * 10
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(chains=1), ValueError, "chains must be an integer ≥ 2"),
+        (dict(chains=64, target_accept=1.2), ValueError, "target_accept"),
+        (dict(chains=64, superchains=5), ValueError, "superchains=5 must divide chains=64"),
+        (dict(chains=64, init_jitter=-1.0), ValueError, "init_jitter"),
+        (dict(chains=64, step_sise=0.1), TypeError, "did you mean 'step_size'"),
+        (dict(chains=64, warmup_jitter="sobol"), ValueError, "warmup_jitter"),
+        (dict(chains=64, max_leapfrog=0), ValueError, "max_leapfrog"),
+        (dict(chains=64, x64="yes"), TypeError, "x64"),
+        (dict(chains=64, step_size=-1.0), ValueError, "step_size must be a positive"),
+        (dict(chains=64, backend="pyro"), ValueError, "pass backend='jax'"),
+    ],
+)
+def test_bad_arguments(kw, exc, match):
+    prob = make_problem(seed=1)
+    _, post = _declare(prob, False)
+    kw = {"backend": "jax", **kw}
+    with pytest.raises(exc, match=match):
+        post.sample("chees", progress=False, **kw)
+
+
+def test_unknown_method_lists_chees():
+    prob = make_problem(seed=1)
+    _, post = _declare(prob, False)
+    with pytest.raises(ValueError, match="chees"):
+        post.sample("chess", progress=False)
+
+
+# ---------------------------------------------------------------------------- nested R-hat
+def test_nested_rhat_hand_computed():
+    """K = 2 superchains of M = 2 chains with N = 2 draws, worked by hand from
+    Margossian et al. (2024): chain means 1, 3 | 6, 10; within-chain variances 2;
+    superchain means 2 | 8 → B̂ν = 18; Ŵν = mean(2 + 2, 8 + 2) = 7; nR̂ = √(1 + 18/7)."""
+    x = np.array([[0.0, 2.0], [2.0, 4.0], [5.0, 7.0], [9.0, 11.0]])
+    assert nested_rhat(x, 2) == pytest.approx(np.sqrt(25 / 7), rel=1e-14)
+    # vector quantities: the same per coordinate
+    two = np.stack([x, 3 * x + 1], -1)
+    np.testing.assert_allclose(nested_rhat(two, 2), [np.sqrt(25 / 7)] * 2, rtol=1e-14)
+
+
+def test_nested_rhat_one_chain_per_superchain_matches_arviz():
+    """With M = 1, nR̂² = R̂² + 1/N for ArviZ's classic (non-split, identity) R̂: the
+    paper's footnote on the two differing by the (N − 1)/N factor."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 40)) + rng.normal(size=(6, 1)) * 0.3
+    r_az = float(az.rhat(x, method="identity"))
+    assert nested_rhat(x, 6) ** 2 == pytest.approx(r_az**2 + 1 / 40, rel=1e-12)
+
+
+def test_nested_rhat_bad_input():
+    with pytest.raises(ValueError, match="superchains must be an integer ≥ 2 that divides"):
+        nested_rhat(np.zeros((6, 5)), 4)
+    with pytest.raises(ValueError, match="chains, draws"):
+        nested_rhat(np.zeros(5), 2)
+    assert np.isnan(nested_rhat(np.ones((4, 3)), 2))  # constant draws: undefined
+
+
+# ---------------------------------------------------------------------------- slow
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "constrained,perturb",
+    [
+        pytest.param(False, 0.0, id="ols-unconstrained"),
+        pytest.param(True, 0.0, id="ols-constrained"),
+        pytest.param(False, 0.05, id="perturbed-unconstrained"),
+    ],
+)
+def test_chees_matches_exact_posterior_other_cases(constrained, perturb):
+    prob = make_problem(seed=1, perturb=perturb)
+    _, post = _declare(prob, constrained)
+    ref = post.sample("chees", draws=100, seed=7, **RUN)
+    check_exact_posterior(prob, ref)
+
+
+@pytest.mark.slow
+def test_chees_high_ess_matches_theory_reference_accuracy():
+    """THEORY §4.1's reference accuracy at ESS ≳ 10⁴, in float32 (x64=False) with
+    overdispersed superchain starts: covariance within 2.5%, means within 0.02 SD."""
+    prob = make_problem(seed=3)
+    _, post = _declare(prob, True)
+    ref = post.sample(
+        "chees",
+        backend="jax",
+        chains=128,
+        warmup=400,
+        draws=200,
+        seed=9,
+        x64=False,
+        init_jitter=0.05,
+        progress=False,
+    )
+    assert ref.settings["x64"] is False
+    mu, Sigma = prob.posterior()
+    flat = ref.flat().reshape(-1, prob.d)
+    ess = _ess(ref.flat())
+    assert ess.min() >= 10000
+    sd = np.sqrt(np.diag(Sigma))
+    assert np.all(np.abs(flat.mean(0) - mu) <= np.maximum(4 * sd / np.sqrt(ess), 0.02 * sd))
+    rel = np.linalg.norm(np.cov(flat.T) - Sigma) / np.linalg.norm(Sigma)
+    assert rel <= 0.025, rel
+    assert ref.settings["nested_rhat"]["L_n"] < 1.01
+
+
+@pytest.mark.slow
+def test_block_size_does_not_change_draws(case):
+    prob, _, post, ref, _ = case
+    other = post.sample("chees", draws=DRAWS, seed=3, **{**RUN, "block_size": 37})
+    np.testing.assert_allclose(other.flat(), ref.flat(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_chains_sharded_over_two_devices():
+    """With two (forced host) JAX devices the chain axis is sharded over both, and the
+    draws equal the one-device run up to float summation order."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from condpost.infer.chees import chees_sample
+        assert len(jax.devices()) == 2
+        P = jnp.diag(jnp.array([1.0, 4.0, 100.0]))
+        fn = lambda w: (0.5 * w @ P @ w, w[0])
+        w0 = jnp.zeros((8, 3))
+        kw = dict(warmup=60, draws=20, progress=False, keep=("w",))
+        one = chees_sample(fn, w0, jax.random.PRNGKey(0), devices=1, **kw)
+        two = chees_sample(fn, w0, jax.random.PRNGKey(0), devices=2, **kw)
+        assert len(one["devices"]) == 1 and len(two["devices"]) == 2
+        d = np.abs(one["draws"]["w"] - two["draws"]["w"]).max()
+        assert d < 1e-6, d
+        print("OK", d)
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
