@@ -217,11 +217,11 @@ def speed_table(n: int, use_jax: bool) -> None:
         cov = dense_cov(d, d, 0.5)
         z = sample_gauss(rng, cov, n)
         x, y = z[:, :d], z[:, d:]
-        t_c = _best(lambda: info.mutual_information(x, y, "ksg", k=10, stderr=None))
+        t_c = _best(lambda x=x, y=y: info.mutual_information(x, y, "ksg", k=10, stderr=None))
         r = info.mutual_information(x, y, "ksg", k=10, stderr=None)
-        t_a = _best(lambda: info.mutual_information(x, y, stderr=None), reps=1)
+        t_a = _best(lambda x=x, y=y: info.mutual_information(x, y, stderr=None), reps=1)
         if jk is not None:
-            t_j = _best(lambda: jk(x, y))
+            t_j = _best(lambda x=x, y=y: jk(x, y))
             print(
                 f"| {d}x{d} | {r.settings['backend']} | {t_c:.3f} | {t_j:.3f} | "
                 f"{t_j / t_c:.1f}x | {t_a:.3f} |"

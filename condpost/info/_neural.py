@@ -81,7 +81,7 @@ def neural_mi(
     n = x.shape[0]
     n_test = int(round(holdout * n))
     batch_size = int(min(batch_size, n - n_test, max(n_test, 2)))
-    if batch_size < 16 or n_test < 16:
+    if batch_size < 2 or n_test < 16:
         raise ValueError(
             f"the neural estimators need at least ~100 samples (got N = {n}); use "
             "estimator='copula_ksg' or 'gaussian' for small samples"

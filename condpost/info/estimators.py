@@ -318,13 +318,23 @@ def _ksg_value(
     return float(np.mean(terms)), terms, eps
 
 
-def _knn_opts(opts: dict, device) -> dict:
-    knn = {
+def _knn_opts(opts: dict, device, metric: str = "max") -> dict:
+    return {
         "backend": opts.pop("backend", "auto"),
         "device": opts.pop("device", device),
         "block": opts.pop("block", None),
+        "metric": opts.pop("metric", metric),
     }
-    return knn
+
+
+def _resolve_metric(knn: dict, n: int, dim: int) -> dict:
+    """``metric="auto"``: max-norm where a KD-tree is used, Euclidean for brute force."""
+    if knn["metric"] != "auto":
+        return knn
+    backend = knn["backend"]
+    if backend == "auto":
+        backend = _knn.choose_backend(n, dim, knn["device"])
+    return {**knn, "metric": "max" if backend == "tree" else "euclidean"}
 
 
 def _mi_ksg(x, y, *, k, variant, standardize, stderr, rng, knn, n_subsets, notes):
@@ -334,6 +344,7 @@ def _mi_ksg(x, y, *, k, variant, standardize, stderr, rng, knn, n_subsets, notes
         raise ValueError(f"variant must be 1 or 2 (KSG estimator I^(1) or I^(2)); got {variant!r}")
     if standardize:
         x, y = _standardize(x), _standardize(y)
+    knn = _resolve_metric(knn, n, x.shape[1] + y.shape[1])
     val, terms, eps = _ksg_value(x, y, k, variant, knn)
     if np.any(eps == 0):
         notes.append(
@@ -359,7 +370,7 @@ def _mi_ksg(x, y, *, k, variant, standardize, stderr, rng, knn, n_subsets, notes
     settings = {
         "k": k,
         "variant": variant,
-        "metric": "max-norm",
+        "metric": knn["metric"],
         "backend": backend,
         "standardize": bool(standardize),
         "stderr": se_method,
@@ -413,6 +424,7 @@ def _mi_copula_ksg(x, y, *, k, variant, stderr, rng, knn, n_subsets, n_surrogate
             f"{dup:.1%} duplicate rows: the copula and KSG steps assume continuous data "
             "(ties get average ranks). Use estimator='plugin' for discrete data."
         )
+    knn = _resolve_metric(knn, n, x.shape[1] + y.shape[1])
     val, det = _copula_ksg_value(x, y, k, variant, knn, n_surrogates, rng)
     se_method = _resolve_stderr(stderr, "subsample", ("subsample",), "copula_ksg")
     se, extra = float("nan"), {}
@@ -428,7 +440,7 @@ def _mi_copula_ksg(x, y, *, k, variant, stderr, rng, knn, n_subsets, n_surrogate
     settings = {
         "k": k,
         "variant": variant,
-        "metric": "max-norm",
+        "metric": knn["metric"],
         "transform": "copula-normal scores",
         "n_surrogates": int(n_surrogates),
         "backend": knn["backend"]
@@ -693,7 +705,7 @@ def mutual_information(
     elif picked == "copula_ksg":
         variant = int(opts.pop("variant", 1))
         n_sur = int(opts.pop("n_surrogates", 1))
-        knn = _knn_opts(opts, device)
+        knn = _knn_opts(opts, device, metric="auto")
         _no_left(opts, picked)
         val, se, settings, details = _mi_copula_ksg(
             x,
@@ -758,6 +770,8 @@ def mutual_information(
     elif picked == "mixed":
         variant_k = 3 if k is None else k
         knn = _knn_opts(opts, device)
+        if knn.pop("metric") != "max":
+            raise ValueError("the mixed estimator supports metric='max' only")
         _no_left(opts, picked)
         labels, kx = _symbols(x)
         val, se, settings, details = _mi_mixed(
