@@ -148,7 +148,11 @@ class SweepResult:
         x, y, se = x[ok], y[ok], se[ok]
         if len(x) < 2 or np.ptp(x) == 0:
             raise ValueError(f"a slope needs ≥ 2 settings with distinct values; have {len(x)}")
-        use_se = bool(np.all(np.isfinite(se)) and np.all(se > 0))
+        use_se = bool(np.all(np.isfinite(se)) and np.all(se >= 0))
+        if use_se:
+            # a saturated estimate can have a zero bootstrap spread; floor the errors so
+            # that one point does not get an infinite weight
+            se = np.maximum(se, 1e-8 * np.maximum(1.0, np.abs(y)))
         if not use_se and len(x) < 3:
             raise ValueError(
                 f"{name!r} has no standard errors, so the slope's error comes from the residuals "
@@ -192,7 +196,12 @@ class SweepResult:
         return self.table()
 
     def plot(self, ax=None, names: Sequence[str] | None = None, **errorbar_kw):
-        """Error-bar plot of the observables against the knob (log axis). Returns ``ax``."""
+        """Error-bar plot of the observables against the knob (log axis). Returns ``ax``.
+
+        ``names`` selects observables (default all); ``label=`` names this curve (e.g.
+        ``"conditioned"``) so that several sweeps can share one axis; other keywords go to
+        ``matplotlib.axes.Axes.errorbar``.
+        """
         try:
             import matplotlib.pyplot as plt
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -201,22 +210,21 @@ class SweepResult:
             _, ax = plt.subplots(figsize=(5, 3.5))
         names = list(self.observables) if names is None else list(names)
         x = np.asarray(self.values, dtype=float)
+        label = errorbar_kw.pop("label", None)
+        errorbar_kw.setdefault("marker", "o")
+        errorbar_kw.setdefault("capsize", 3)
         for nm in names:
             y, se = self.value(nm), self.stderr(nm)
-            ax.errorbar(
-                x,
-                y,
-                yerr=np.where(np.isfinite(se), se, 0.0),
-                marker="o",
-                capsize=3,
-                label=nm,
-                **errorbar_kw,
-            )
+            if label is None:
+                lbl = nm
+            else:
+                lbl = label if len(names) == 1 else f"{label}: {nm}"
+            ax.errorbar(x, y, yerr=np.where(np.isfinite(se), se, 0.0), label=lbl, **errorbar_kw)
         ax.set_xscale("log")
         knob = {"nbeta": "nβ", "localization": "γ"}.get(self.knob, self.knob)
         ax.set_xlabel(knob)
         ax.set_ylabel("nats" if len(names) > 1 or names[:1] == ["mi"] else names[0])
-        if len(names) > 1:
+        if len(names) > 1 or label is not None:
             ax.legend()
         return ax
 
