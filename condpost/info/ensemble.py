@@ -485,7 +485,7 @@ def _run(
             # k-NN estimators of discrete × continuous MI reach ψ(N) − ⟨ψ(N_ℓ)⟩ ≈
             # log m + (m − 1)/(2N) on perfectly separated labels: allow twice that offset
             m_atoms = plan.m if target == "input" else atoms
-            tol = max(2 * stderr if np.isfinite(stderr) else 0.0, 1e-3, (m_atoms - 1) / (2 * pairs))
+            tol = max(2 * stderr if np.isfinite(stderr) else 0.0, 1e-3, (m_atoms - 1) / pairs)
             if excess > tol:
                 msg = (
                     f"the estimate {value:.4g} nats exceeds the bound log m = {bound:.4g} "
