@@ -253,8 +253,10 @@ def test_block_size_does_not_change_draws(case):
 
 @pytest.mark.slow
 def test_chains_sharded_over_two_devices():
-    """With two (forced host) JAX devices the chain axis is sharded over both, and the
-    draws equal the one-device run up to float summation order."""
+    """With two (forced host) JAX devices the chain axis is sharded over both. Without
+    adaptation each chain's dynamics is its own, so the draws equal the one-device run;
+    with adaptation the across-chain means are summed in another order, which moves the
+    adapted step size only at float-rounding level (the draws then drift apart slowly)."""
     code = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
@@ -265,12 +267,22 @@ def test_chains_sharded_over_two_devices():
         fn = lambda w: (0.5 * w @ P @ w, w[0])
         w0 = jnp.zeros((8, 3))
         kw = dict(warmup=60, draws=20, progress=False, keep=("w",))
-        one = chees_sample(fn, w0, jax.random.PRNGKey(0), devices=1, **kw)
-        two = chees_sample(fn, w0, jax.random.PRNGKey(0), devices=2, **kw)
-        assert len(one["devices"]) == 1 and len(two["devices"]) == 2
-        d = np.abs(one["draws"]["w"] - two["draws"]["w"]).max()
-        assert d < 1e-6, d
-        print("OK", d)
+        fixed = dict(step_size=0.1, trajectory_length=1.0, adapt_step_size=False,
+                     adapt_trajectory=False, adapt_mass_matrix=False)
+        runs = {}
+        for n in (1, 2):
+            for name, extra in (("fixed", fixed), ("adapted", {})):
+                runs[name, n] = chees_sample(
+                    fn, w0, jax.random.PRNGKey(0), devices=n, **kw, **extra
+                )
+        assert len(runs["fixed", 1]["devices"]) == 1
+        assert len(runs["fixed", 2]["devices"]) == 2
+        d = np.abs(runs["fixed", 1]["draws"]["w"] - runs["fixed", 2]["draws"]["w"]).max()
+        assert d < 1e-12, d
+        e1 = runs["adapted", 1]["adapted"]["step_size"]
+        e2 = runs["adapted", 2]["adapted"]["step_size"]
+        assert abs(e1 / e2 - 1) < 1e-6, (e1, e2)
+        print("OK", d, e1, e2)
         """
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
