@@ -53,9 +53,16 @@ class Slope:
         return float(self.value)
 
     def __str__(self) -> str:
+        fit = (
+            "a line through 2 points"
+            if self.dof == 0
+            else f"chi2/dof = {self.chi2:.3g}/{self.dof}"
+            if np.isfinite(self.chi2)
+            else f"unweighted, {self.dof} dof"
+        )
         return (
             f"d[{self.observable}]/d {self.x} = {self.value:.4g} ± {self.stderr:.2g} over "
-            f"[{self.range[0]:.4g}, {self.range[1]:.4g}] (chi2/dof = {self.chi2:.3g}/{self.dof})"
+            f"[{self.range[0]:.4g}, {self.range[1]:.4g}] ({fit})"
         )
 
 

@@ -194,6 +194,52 @@ def test_end_to_end_nuts_input_target_matches_exact_mixture():
     assert abs(gm.value - exact) <= 4 * gm.stderr, (gm.value, exact, gm.stderr)
 
 
+def mixture_mi_mc(means, covs, n=400_000, seed=0) -> tuple[float, float]:
+    """I(J;B) for uniform J and B | J=j ~ N(means[j], covs[j]) by MC with exact densities."""
+    rng = np.random.default_rng(seed)
+    m, d = means.shape
+    chol = [np.linalg.cholesky(c) for c in covs]
+
+    def logpdf(b, j):
+        z = np.linalg.solve(chol[j], (b - means[j]).T)
+        logdet = 2 * np.log(np.diag(chol[j])).sum()
+        return -0.5 * (z * z).sum(0) - 0.5 * logdet - 0.5 * d * math.log(2 * math.pi)
+
+    terms = []
+    for j in range(m):
+        b = means[j] + rng.standard_normal((n, d)) @ chol[j].T
+        lp = np.stack([logpdf(b, k) for k in range(m)])
+        terms.append(lp[j] - (special.logsumexp(lp, axis=0) - math.log(m)))
+    t = np.concatenate(terms)
+    return float(t.mean()), float(t.std() / math.sqrt(t.size))
+
+
+@pytest.mark.slow
+def test_end_to_end_reference_run_two_dimensional_output():
+    """THEORY §4.1 reference run (d_in = 3, k = 2, d = 6), B = W x ∈ R², two probes; NUTS.
+
+    Exact I(X;B) by Monte Carlo with exact densities (SE ~1e-3); tolerance 4 bootstrap SE.
+    """
+    prob = make_problem(seed=1)
+    post = _declare_linear(prob)
+    mu, Sigma = prob.posterior()
+    g = np.random.default_rng(5)
+    x1 = g.standard_normal(3)
+    x2 = x1 + 0.1 * g.standard_normal(3)
+    probes = torch.as_tensor(np.stack([x1, x2]))
+    M = [np.kron(np.eye(2), x[None]) for x in (x1, x2)]
+    means = np.stack([Mj @ mu for Mj in M])
+    covs = np.stack([Mj @ Sigma @ Mj.T for Mj in M])
+    exact, exact_se = mixture_mi_mc(means, covs)
+    assert 0.1 < exact < 0.6 and exact_se < 2e-3
+    ref = post.sample("nuts", chains=4, warmup=300, draws=1500, seed=11, progress=False)
+    for est in ("ross", "gaussian_mixture"):
+        res = info.mutual_information(
+            ref, probes=probes, b="", target="input", estimator=est, bootstrap=100
+        )
+        assert abs(res.value - exact) <= 4 * res.stderr + 2 * exact_se, (est, res.value, exact)
+
+
 # ------------------------------------------------------------------------- channel target
 
 
