@@ -147,24 +147,18 @@ for _op, _fn in [
     (aten.logical_not.default, jnp.logical_not),
     (aten.bitwise_not.default, jnp.invert),
     (aten.lgamma.default, jax.scipy.special.gammaln),
-    (aten.digamma.default, jax.scipy.special.digamma),
 ]:
     _unary(_op, _fn)
 
 
-@_reg(aten.add.Tensor, aten.add.Scalar)
+@_reg(aten.add.Tensor)
 def _add(a, b, *, alpha=1):
     return a + b if alpha == 1 else a + alpha * b
 
 
-@_reg(aten.sub.Tensor, aten.sub.Scalar)
+@_reg(aten.sub.Tensor)
 def _sub(a, b, *, alpha=1):
     return a - b if alpha == 1 else a - alpha * b
-
-
-@_reg(aten.rsub.Scalar, aten.rsub.Tensor)
-def _rsub(a, b, *, alpha=1):
-    return b - a if alpha == 1 else b - alpha * a
 
 
 @_reg(aten.mul.Tensor, aten.mul.Scalar)
@@ -172,12 +166,12 @@ def _mul(a, b):
     return a * b
 
 
-@_reg(aten.div.Tensor, aten.div.Scalar)
+@_reg(aten.div.Tensor)
 def _div(a, b):
     return jnp.true_divide(a, b)
 
 
-@_reg(aten.div.Tensor_mode, aten.div.Scalar_mode)
+@_reg(aten.div.Tensor_mode)
 def _div_mode(a, b, *, rounding_mode=None):
     q = jnp.true_divide(a, b)
     if rounding_mode == "trunc":
@@ -208,6 +202,11 @@ def _fmod(a, b):
 @_reg(aten.remainder.Tensor, aten.remainder.Scalar)
 def _remainder(a, b):
     return jnp.remainder(a, b)
+
+
+@_reg(aten.hypot.default)
+def _hypot(a, b):
+    return jnp.hypot(a, b)
 
 
 @_reg(aten.atan2.default)
@@ -371,11 +370,6 @@ def _addmm(ctx, bias, a, b, *, beta=1, alpha=1):
     return (bias if beta == 1 else beta * bias) + prod
 
 
-@_reg(aten.dot.default, ctx=True)
-def _dot(ctx, a, b):
-    return jnp.dot(a, b, precision=ctx.precision)
-
-
 @_reg(aten._linalg_eigh.default)
 def _eigh(a, UPLO="L", compute_v=True):
     # torch differentiates eigh as a function of the (assumed symmetric) matrix; JAX's
@@ -476,7 +470,6 @@ def _max_pool(nsp):
 
 
 OPS[aten.max_pool2d_with_indices.default] = _max_pool(2)
-OPS[aten.max_pool3d_with_indices.default] = _max_pool(3)
 
 
 def _avg_pool(nsp):
@@ -505,9 +498,7 @@ def _avg_pool(nsp):
     return fn
 
 
-OPS[aten.avg_pool1d.default] = _avg_pool(1)
-OPS[aten.avg_pool2d.default] = _avg_pool(2)
-OPS[aten.avg_pool3d.default] = _avg_pool(3)
+OPS[aten.avg_pool2d.default] = _avg_pool(2)  # avg_pool1d decomposes to it
 
 
 # --------------------------------------------------------------------------- indexing
@@ -539,6 +530,12 @@ def _index(x, indices):
         else:
             key.append(i)
     return x[tuple(key)]
+
+
+@_reg(aten.index_put.default)
+def _index_put(x, indices, values, accumulate=False):
+    key = tuple(slice(None) if i is None else i for i in indices)
+    return x.at[key].add(values) if accumulate else x.at[key].set(values)
 
 
 @_reg(aten.slice.Tensor)
@@ -591,18 +588,8 @@ def _repeat(x, repeats):
     return jnp.tile(x.reshape((1,) * lead + x.shape), repeats)
 
 
-@_reg(aten.tril.default)
-def _tril(x, diagonal=0):
-    return jnp.tril(x, diagonal)
-
-
-@_reg(aten.triu.default)
-def _triu(x, diagonal=0):
-    return jnp.triu(x, diagonal)
-
-
 # --------------------------------------------------------------------------- shape
-@_reg(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+@_reg(aten.view.default)
 def _view(x, size):
     return jnp.reshape(x, tuple(size))
 
@@ -619,7 +606,7 @@ def _expand(x, size, *, implicit=False):
     return jnp.broadcast_to(x, shape)
 
 
-@_reg(aten.squeeze.dims, aten.squeeze.dim)
+@_reg(aten.squeeze.dims)
 def _squeeze(x, dim):
     dims = _dims(dim, x.ndim)
     if dims is None:
@@ -627,19 +614,19 @@ def _squeeze(x, dim):
     return jnp.squeeze(x, axis=tuple(d for d in dims if x.shape[d] == 1))
 
 
-@_reg(aten.squeeze.default)
-def _squeeze_all(x):
-    return jnp.squeeze(x)
-
-
 @_reg(aten.unsqueeze.default)
 def _unsqueeze(x, dim):
     return jnp.expand_dims(x, _dim(dim, x.ndim + 1))
 
 
-@_reg(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default)
+@_reg(aten.clone.default)
 def _clone(x, *, memory_format=None):
     return x
+
+
+@_reg(aten.detach.default)
+def _detach(x):
+    return lax.stop_gradient(x)
 
 
 @_reg(aten._to_copy.default)
@@ -656,11 +643,6 @@ def _copy(x, src, non_blocking=False):
 @_reg(aten.sum.dim_IntList)
 def _sum(x, dim=None, keepdim=False, *, dtype=None):
     return jnp.sum(x, axis=_dims(dim, x.ndim), keepdims=keepdim, dtype=jax_dtype(dtype))
-
-
-@_reg(aten.sum.default)
-def _sum_all(x, *, dtype=None):
-    return jnp.sum(x, dtype=jax_dtype(dtype))
 
 
 @_reg(aten.mean.dim)
@@ -755,16 +737,6 @@ def _any_all(x):
     return jnp.any(x)
 
 
-@_reg(aten.all.dim, aten.all.dims)
-def _all(x, dim=None, keepdim=False):
-    return jnp.all(x, axis=_dims(dim, x.ndim), keepdims=keepdim)
-
-
-@_reg(aten.all.default)
-def _all_all(x):
-    return jnp.all(x)
-
-
 @_reg(aten.cumsum.default)
 def _cumsum(x, dim, *, dtype=None):
     return jnp.cumsum(x, axis=dim, dtype=jax_dtype(dtype))
@@ -773,11 +745,6 @@ def _cumsum(x, dim, *, dtype=None):
 @_reg(aten.cumprod.default)
 def _cumprod(x, dim, *, dtype=None):
     return jnp.cumprod(x, axis=dim, dtype=jax_dtype(dtype))
-
-
-@_reg(aten.logsumexp.default)
-def _logsumexp(x, dim, keepdim=False):
-    return jax.nn.logsumexp(x, axis=_dims(dim, x.ndim), keepdims=keepdim)
 
 
 @_reg(aten.linalg_vector_norm.default)
@@ -832,16 +799,6 @@ def _full_like(x, fill_value, *, dtype=None, layout=None, device=None, pin_memor
     return jnp.full(x.shape, fill_value, dtype=jax_dtype(dtype) if dtype else x.dtype)
 
 
-@_reg(aten.zeros_like.default)
-def _zeros_like(x, *, dtype=None, layout=None, device=None, pin_memory=None, **kw):
-    return jnp.zeros(x.shape, dtype=jax_dtype(dtype) if dtype else x.dtype)
-
-
-@_reg(aten.ones_like.default)
-def _ones_like(x, *, dtype=None, layout=None, device=None, pin_memory=None, **kw):
-    return jnp.ones(x.shape, dtype=jax_dtype(dtype) if dtype else x.dtype)
-
-
 @_reg(aten.empty.memory_format)
 def _empty(size, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
     return jnp.zeros(tuple(size), dtype=_float_default(dtype))
@@ -858,11 +815,6 @@ def _arange(start, end, step=1, *, dtype=None, layout=None, device=None, pin_mem
         ints = all(isinstance(v, int) for v in (start, end, step))
         dtype = torch.int64 if ints else torch.get_default_dtype()
     return jnp.arange(start, end, step, dtype=jax_dtype(dtype))
-
-
-@_reg(aten.arange.default)
-def _arange_end(end, *, dtype=None, layout=None, device=None, pin_memory=None):
-    return _arange(0, end, 1, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- python

@@ -110,26 +110,25 @@ def _location(node) -> str:
     """Module path and the innermost user source line of an FX node."""
     parts = []
     stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        path, cls = list(stack.values())[-1]
-        path = re.sub(r"^L\['self'\]\.?|^L__self__\.?", "", str(path))
+    mods = [(str(p), c) for p, c in stack.values() if str(p) not in ("", "net")]
+    if mods:
+        path, cls = mods[-1]
+        path = path[4:] if path.startswith("net.") else path  # to_jax registers the net as "net"
         cls = cls.__qualname__ if isinstance(cls, type) else str(cls)
-        parts.append(f"module {path or '<root>'} ({cls})")
+        parts.append(f"module {path!r} ({cls})")
     trace = node.meta.get("stack_trace") or ""
-    frames = _FRAME.findall(trace)
-    user = [f for f in frames if not any(s in f[0] for s in _INTERNAL)]
-    if user:
-        f, line, fn, code = user[-1]
+    frames = [f for f in _FRAME.findall(trace) if not any(s in f[0] for s in _INTERNAL)]
+    if frames:
+        f, line, fn, code = frames[-1]
         parts.append(f'File "{f}", line {line}, in {fn}: {code.strip()}')
-        inner = [fr for fr in user[:-1] if "/condpost/" in fr[0]]
-        if inner and "/condpost/" not in f:
-            pass
-    return "; ".join(parts) if parts else "(torch recorded no source location)"
+    return "; ".join(parts) if parts else "(torch recorded no module path or source line)"
 
 
-def _unsupported(node, others: Sequence[str] = ()) -> UnsupportedOpError:
+def _unsupported(node, others: Sequence[str] = (), origin: str = "") -> UnsupportedOpError:
     op = _op_name(node.target)
     loc = _location(node)
+    if origin and not loc.startswith(("module", "File")):
+        loc = f"inside {origin}"
     more = sorted(set(others) - {op})
     msg = (
         f"torch → JAX export: the ATen op `{op}` has no JAX lowering (FX node `{node.name}`).\n"
@@ -146,9 +145,15 @@ def _unsupported(node, others: Sequence[str] = ()) -> UnsupportedOpError:
 
 # --------------------------------------------------------------------------- export
 class _Wrap(nn.Module):
-    def __init__(self, fn: Callable) -> None:
+    """``fn`` as a module; ``net`` (optional) is registered so that torch records the
+    module path of every op it runs (``nn_module_stack``), even through
+    ``functional_call``."""
+
+    def __init__(self, fn: Callable, net: nn.Module | None = None) -> None:
         super().__init__()
         self.fn = fn
+        if net is not None:
+            self.net = net
 
     def forward(self, *args):
         return self.fn(*args)
@@ -173,8 +178,11 @@ class ExportedFunction:
     ``export_seconds`` (``torch.export`` plus lowering set-up), ``exported_program``.
     """
 
-    def __init__(self, ep, extra_ops: Mapping | None, float_dtype, precision) -> None:
+    def __init__(
+        self, ep, extra_ops: Mapping | None, float_dtype, precision, origin: str = ""
+    ) -> None:
         self.exported_program = ep
+        self._origin = origin
         self._ctx = Lowering(precision)
         self._float_dtype = float_dtype
         table = dict(OPS)
@@ -187,16 +195,19 @@ class ExportedFunction:
         ops = {n.target for n in self._nodes if n.target not in NO_OPS}
         missing = [n for n in self._nodes if n.target not in NO_OPS and n.target not in table]
         if missing:
-            raise _unsupported(missing[0], [_op_name(n.target) for n in missing])
+            raise _unsupported(missing[0], [_op_name(n.target) for n in missing], origin)
         self.ops = sorted(_op_name(op) for op in ops)
         # placeholders: user inputs in order, everything else a closed-over constant
         self._user_inputs: list[str] = []
         self._consts: dict[str, Any] = {}
         kinds = torch.export.graph_signature.InputKind
+        used = {n.name for n in graph.nodes if n.op == "placeholder" and n.users}
         for spec in sig.input_specs:
             name = spec.arg.name
             if spec.kind == kinds.USER_INPUT:
                 self._user_inputs.append(name)
+                continue
+            if name not in used:
                 continue
             if spec.kind in (kinds.PARAMETER, kinds.BUFFER):
                 t = (
@@ -280,7 +291,7 @@ class ExportedFunction:
             except UnsupportedOpError:
                 raise
             except NotImplementedError as e:
-                err = _unsupported(node)
+                err = _unsupported(node, origin=self._origin)
                 raise UnsupportedOpError(
                     f"{err}\n  reason: {e}", op=err.op, node=err.node, location=err.location
                 ) from None
@@ -352,15 +363,31 @@ def export_function(
     module = fn if isinstance(fn, nn.Module) else _Wrap(fn)
     with _quiet_export():
         ep = torch.export.export(module, example_args, strict=False)
+        _detach_no_grad_regions(ep)
         ep = ep.run_decompositions(_decomposition_table())
     needs64 = float_dtype == jnp.float64 or (
         float_dtype is None and _graph_uses_float64(ep, example_args)
     )
     if needs64:
         enable_x64()
-    out = ExportedFunction(ep, extra_ops, float_dtype, precision)
+    out = ExportedFunction(ep, extra_ops, float_dtype, precision, _describe(fn))
     out.export_seconds = time.perf_counter() - t0
     return out
+
+
+def _describe(fn) -> str:
+    """``module.qualname (file:line)`` of the exported callable, for error messages."""
+    target = fn.fn if isinstance(fn, _Wrap) else fn
+    target = type(target).forward if isinstance(target, nn.Module) else target
+    name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+    try:
+        import inspect
+
+        file = inspect.getsourcefile(target)
+        line = inspect.getsourcelines(target)[1]
+        return f"{name} ({file}:{line})"
+    except (TypeError, OSError):
+        return name
 
 
 def _graph_uses_float64(ep, example_args) -> bool:
@@ -377,15 +404,42 @@ def _graph_uses_float64(ep, example_args) -> bool:
     return False
 
 
+def _detach_no_grad_regions(ep) -> None:
+    """Keep ``torch.no_grad()`` semantics through decomposition.
+
+    ``torch.export`` records a ``no_grad`` block as a ``wrap_with_set_grad_enabled(False,
+    ...)`` node, which ``run_decompositions`` inlines, forgetting that its results carry
+    no gradient. Each of its outputs is passed through ``aten.detach`` first (lowered to
+    ``lax.stop_gradient``), as torch's autograd would treat it.
+    """
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    if hop is None:
+        return
+    graph = ep.graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not hop or node.args[0] is not False:
+            continue
+        for user in list(node.users):
+            with graph.inserting_after(user):
+                det = graph.call_function(torch.ops.aten.detach.default, (user,))
+            det.meta = dict(user.meta)
+            user.replace_all_uses_with(det, delete_user_cb=lambda u, d=det: u is not d)
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
+
+
 def _decomposition_table():
     """Core-ATen decompositions, minus a few ops kept whole for a better JAX lowering.
 
     ``softplus`` is kept so that its lowering can use the overflow-free
     ``logaddexp(βx, 0)/β`` (the decomposition ``log1p(exp(βx))`` has a NaN gradient
-    where ``exp`` overflows in the unselected branch of its ``where``).
+    where ``exp`` overflows in the unselected branch of its ``where``). ``detach`` is
+    kept because its decomposition, ``alias``, forgets that it stops gradients.
     """
     table = torch.export.default_decompositions()
-    for op in (torch.ops.aten.softplus.default,):
+    for op in (torch.ops.aten.softplus.default, torch.ops.aten.detach.default):
         with contextlib.suppress(KeyError):
             del table[op]
     return table
@@ -484,7 +538,12 @@ def to_jax(
     def both(w):
         return post.potential(w), post.loss(w)
 
-    fn = export_function(both, (post.center.clone(),), extra_ops=extra_ops, precision=precision)
+    fn = export_function(
+        _Wrap(both, post.lifted.net),
+        (post.center.clone(),),
+        extra_ops=extra_ops,
+        precision=precision,
+    )
     jdt = jax_dtype(tdt)
     center = jnp.asarray(post.center.detach().cpu().numpy(), dtype=jdt)
     return JaxPotential(fn, post.d, jdt, center)
