@@ -408,9 +408,10 @@ def accuracy_section(args, dv_python) -> None:
     ]
     print(
         f"\n## Accuracy: DLN {widths} (d = {dln_parameter_count(widths)}), n = {args.n}, "
-        f"batch {args.batch}, nβ = n/log n = {nbeta:.1f}. SGLD: {args.acc_chains} chains × "
-        f"({args.acc_warmup} warmup + {args.acc_draws} draws); devinterp: "
-        f"{args.dv_chains} chains, same steps and ε; NUTS target: {args.nuts_chains} chains × "
+        f"batch {args.batch}, nβ = n/log n = {nbeta:.1f}. condpost SGLD: {args.acc_chains} "
+        f"chains × ({args.acc_warmup} warmup + {args.acc_draws} steps, every "
+        f"{args.acc_thin}th kept); devinterp: {args.dv_chains} chains, same steps and ε "
+        f"(its λ̂ averages every step, burn-in included); NUTS target: {args.nuts_chains} chains × "
         f"({args.nuts_warmup} + {args.nuts_draws}), target_accept {args.nuts_accept}, "
         f"backend {args.nuts_backend}\n"
     )
@@ -464,7 +465,8 @@ def accuracy_section(args, dv_python) -> None:
                 "sgld",
                 chains=args.acc_chains,
                 warmup=args.acc_warmup,
-                draws=args.acc_draws,
+                draws=args.acc_draws // args.acc_thin,
+                thin=args.acc_thin,
                 step_size=eps,
                 batch_size=args.batch,
                 seed=2,
@@ -587,10 +589,11 @@ def main(argv=None) -> None:
     p.add_argument("--acc-widths", default="4,3,8")
     p.add_argument("--acc-chains", type=int, default=16)
     p.add_argument("--dv-chains", type=int, default=4, help="devinterp chains (sequential)")
-    p.add_argument("--acc-warmup", type=int, default=1000)
-    p.add_argument("--acc-draws", type=int, default=5000)
+    p.add_argument("--acc-warmup", type=int, default=2000)
+    p.add_argument("--acc-draws", type=int, default=6000, help="post-warmup steps per chain")
+    p.add_argument("--acc-thin", type=int, default=3, help="condpost keeps every k-th step")
     p.add_argument("--origin-gamma", type=float, default=4.0)
-    p.add_argument("--origin-step", type=float, default=3e-5)
+    p.add_argument("--origin-step", type=float, default=5e-5)
     p.add_argument("--full-gamma", type=float, default=10.0)
     p.add_argument("--full-step", type=float, default=1e-5)
     p.add_argument("--nuts-backend", default=None, help="numpyro (default if jax) or pyro")
@@ -612,7 +615,7 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.speed_warmup, args.speed_draws = 100, 400
-        args.acc_warmup, args.acc_draws, args.acc_chains = 300, 1500, 8
+        args.acc_warmup, args.acc_draws, args.acc_chains, args.acc_thin = 300, 1500, 8, 1
         args.nuts_warmup, args.nuts_draws = 300, 500
     if args.nuts_backend is None:
         try:
