@@ -15,7 +15,9 @@ are evaluated full-batch on their fixed probes. Writing ``g = ∇U_B(w)`` and ``
 * ``rmsprop_sgld`` (preconditioned SGLD, Li, Chen, Carlson & Carin 2016, AAAI,
   "Preconditioned stochastic gradient Langevin dynamics for deep neural networks"):
   ``V' = α V + (1 − α) g⊙g``, ``G = 1/(δ + √V̂)`` with the bias-corrected
-  ``V̂ = V'/(1 − α^t)``, and ``w' = w − (ε/2) G⊙g + √(εG)⊙ξ``. The correction term Γ of
+  ``V̂ = V'/(1 − α^t)``, and ``w' = w − (ε/2) G⊙g + √(εG)⊙ξ``. During the first
+  ``1/(1 − α)`` steps ``G = 1`` (plain SGLD) while ``V`` accumulates, so a start at a
+  point of zero gradient does not give ``G = 1/δ``. The correction term Γ of
   Li et al. is dropped, as in their practical algorithm. By default the preconditioner
   adapts during warmup only and is frozen while draws are kept, which makes the kept
   chain an exact (up to O(ε)) Langevin discretisation with a constant diagonal metric.
@@ -387,6 +389,7 @@ def make_kernel(
     streams = _Streams(post.device)
     center = post.center
     eps_ = float(step_size)
+    warm_start = int(round(1 / (1 - alpha)))
 
     def init(chains: int, seed: int | list[int], w0: torch.Tensor | None = None) -> SGMCMCState:
         from .nuts import chain_seeds
@@ -428,8 +431,12 @@ def make_kernel(
             if state.adapting:
                 sq = alpha * sq + (1 - alpha) * g * g
                 t = t + 1
-            vhat = sq / (1 - alpha**t) if t > 0 else sq
-            precond = 1.0 / (eps + vhat.sqrt())
+            if t <= warm_start:
+                # warm start: plain SGLD while V accumulates. At a point with zero gradient
+                # (e.g. a deep linear network at the origin) V̂ = 0 would give G = 1/δ.
+                precond = torch.ones_like(sq)
+            else:
+                precond = 1.0 / (eps + (sq / (1 - alpha**t)).sqrt())
             w = state.w - (0.5 * eps_) * precond * g + (eps_ * precond).sqrt() * noise
             new = state._replace(w=w, sq_avg=sq, adapt_steps=t)
         else:  # sghmc
@@ -507,7 +514,7 @@ def _nonfinite_error(method, step_size, chains_bad, step, warmup, thin, where):
         f"warmup step {step}" if step < warmup else f"step {step} (draw {(step - warmup) // thin})"
     )
     return FloatingPointError(
-        f"{method}: chain(s) {chains_bad} became non-finite ({where}) at {phase}: the sampler "
+        f"{method}: chain(s) {chains_bad} diverged ({where}) at {phase}: the sampler "
         f"diverged. Use a smaller step_size (now {step_size:g}; try {step_size / 10:g}), or "
         f"run condpost.calibrate_step_size(post, method={method!r}) to pick one. No draws "
         f"were dropped; the run stopped here."
@@ -773,6 +780,11 @@ def run_sgmcmc(
         chunk_draws = max(1, min(draws, (64 << 20) // max(per_draw, 1), 1000))
 
     measure_loss = _loss_fn(post)
+    # E‖w − w*‖² is about d/γ when the localizer alone confines the draws; 10⁴ times that
+    # means the chain has blown up even if the numbers are still finite
+    blowup = 1e4 * post.d / float(prior.get("localization") or post.localization)
+    if prior.get("anchor") is not None:
+        blowup = float("inf")
     streams = _Streams(post.device)
     total_steps = warmup + draws * thin
     from tqdm.auto import tqdm
@@ -817,7 +829,19 @@ def run_sgmcmc(
                     )
                 stats["virial"][:, s] = info.virial.cpu().numpy()
                 stats["batch_loss"][:, s] = info.loss.cpu().numpy()
-                stats["dist2"][:, s] = ((w_t - post.center) ** 2).sum(-1).cpu().numpy()
+                d2 = ((w_t - post.center) ** 2).sum(-1)
+                stats["dist2"][:, s] = d2.cpu().numpy()
+                far = d2 > blowup
+                if bool(far.any()):
+                    raise _nonfinite_error(
+                        method,
+                        kernel.step_size,
+                        far.nonzero().flatten().tolist(),
+                        t,
+                        warmup,
+                        thin,
+                        f"‖w − w*‖² > {blowup:.3g} = 10⁴·d/γ, far outside the localized posterior",
+                    )
                 if s % loss_every == 0:
                     j = s // loss_every
                     if loss == "full":
