@@ -50,26 +50,28 @@ def _maxnorm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a.unsqueeze(0), b.unsqueeze(0), p=float("inf")).squeeze(0)
 
 
-def _sqeuclid(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor, s: int) -> torch.Tensor:
-    """Squared Euclidean distances by the Gram expansion (one matmul), rows ``s:s+len(a)``.
-
-    The diagonal (each row's own point) is set to exactly 0 and negatives from rounding are
-    clipped, so a point is never farther from itself than from another point.
-    """
-    d = torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0)
-    d.add_((a * a).sum(1, keepdim=True)).clamp_min_(0.0)
-    r = torch.arange(a.shape[0], device=a.device)
-    d[r, r + s] = 0.0
-    return d
-
-
 def _dist_fn(metric: str, t: torch.Tensor):
-    """Row-block distance function for ``metric``; Euclidean distances come back squared."""
+    """Row-block distance function for ``metric``; Euclidean distances come back squared.
+
+    Squared Euclidean distances use one matrix product of augmented rows,
+    ``[−2a, |a|², 1] · [b, 1, |b|²]ᵀ = |a|² + |b|² − 2a·b``, so no extra pass over the
+    block is needed. The diagonal (each row's own point) is then set to exactly 0.
+    """
     if metric == "max":
         return lambda s, e: _maxnorm(t[s:e], t)
     if metric == "euclidean":
-        t_sq = (t * t).sum(1)
-        return lambda s, e: _sqeuclid(t[s:e], t, t_sq, s)
+        sq = (t * t).sum(1, keepdim=True)
+        one = torch.ones_like(sq)
+        left = torch.cat([-2.0 * t, sq, one], 1)
+        right_t = torch.cat([t, one, sq], 1).T.contiguous()
+
+        def block(s, e):
+            d = left[s:e] @ right_t
+            r = torch.arange(e - s, device=t.device)
+            d[r, r + s] = 0.0
+            return d
+
+        return block
     raise ValueError(f"metric must be 'max' or 'euclidean'; got {metric!r}")
 
 
@@ -81,7 +83,7 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
 def _brute_ksg(x, y, k, variant, device, block, dtype, metric):
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else torch.float32
+        dtype = torch.float32
     xt = torch.as_tensor(x, dtype=dtype, device=dev)
     yt = torch.as_tensor(y, dtype=dtype, device=dev)
     n = xt.shape[0]
@@ -99,7 +101,7 @@ def _brute_ksg(x, y, k, variant, device, block, dtype, metric):
         vals, idx = torch.topk(dz, k + 1, dim=1, largest=False, sorted=False)
         del dz
         if variant == 1:
-            eps = vals.max(1).values
+            eps = vals.max(1).values.clamp_min_(0.0)  # Gram rounding can dip below 0
             eps_out[s:e] = eps
             self_in = (eps > 0).to(torch.int32)  # the point itself satisfies 0 < eps
             nx_out[s:e] = _count(dx < eps[:, None]) - self_in
@@ -123,9 +125,8 @@ def _tree_ksg(x, y, k, variant, workers, metric):
     from scipy.spatial import cKDTree
 
     # max-norm throughout (the caller routes Euclidean metrics with a >1-D side to brute)
-    p = np.inf
     z = np.concatenate([x, y], axis=1)
-    dist, idx = cKDTree(z).query(z, k=k + 1, p=p, workers=workers)
+    dist, idx = cKDTree(z).query(z, k=k + 1, p=np.inf, workers=workers)
     eps = dist[:, -1]
     tx, ty = cKDTree(x), cKDTree(y)
     if variant == 1:
