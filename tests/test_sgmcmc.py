@@ -468,13 +468,18 @@ def _dln_post(point, n=1000, gamma=1.0):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "point,method,step",
-    [("origin", "sgld", 1e-4), ("teacher", "sgld", 2e-5), ("origin", "rmsprop_sgld", 2e-4)],
+    [("origin", "sgld", 1e-4), ("teacher", "sgld", 2e-5), ("origin", "rmsprop_sgld", 1e-3)],
 )
 def test_dln_llc_matches_nuts_at_same_nbeta_gamma(point, method, step):
     """λ̂ by SG-MCMC within max(3%, 4 combined MC s.e.) of NUTS's (the exact target at this
     (nβ, γ), THEORY §4.3); the gap to Aoyagi's asymptotic λ is printed, not asserted."""
+    pytest.importorskip("numpyro")
     post, aoyagi = _dln_post(point)
-    nuts = post.sample("nuts", chains=4, warmup=500, draws=1000, seed=0, progress=False)
+    # NumPyro NUTS on the exported potential: the same target as Pyro NUTS, several times
+    # faster (Pyro NUTS took > 20 min per case on a loaded 2-core machine)
+    nuts = post.sample(
+        "nuts", backend="numpyro", chains=4, warmup=500, draws=1000, seed=0, progress=False
+    )
     target = nuts.llc(warn_user=False)
     se_t = _se(post.nbeta * (nuts.loss() - post.loss_center))
     ref = post.sample(
