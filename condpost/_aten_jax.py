@@ -619,7 +619,7 @@ def _unsqueeze(x, dim):
     return jnp.expand_dims(x, _dim(dim, x.ndim + 1))
 
 
-@_reg(aten.clone.default)
+@_reg(aten.clone.default, aten.alias.default)  # alias: a full-range view, e.g. w[..., 0:d]
 def _clone(x, *, memory_format=None):
     return x
 
