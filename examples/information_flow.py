@@ -18,7 +18,8 @@ per curve with the slope dI/d log nβ and saves a three-panel plot.
 
 Run::
 
-    python examples/information_flow.py            # all weights lifted; ~10 min on 2 cores
+    python examples/information_flow.py            # all weights lifted; NUTS, dense mass:
+                                                   # ~6 min per nβ setting on a busy 2-core box
     python examples/information_flow.py --quick    # CI smoke run, < 40 s; too few draws
                                                    # for the numbers to mean much
     python examples/information_flow.py --out flow.png
@@ -76,8 +77,8 @@ def main(argv=None) -> dict:
         # CI smoke run: few draws, and only the readout layer is lifted (the weight-refined
         # setting, THEORY C10), whose posterior is nearly Gaussian and cheap for NUTS
         n, hidden, nbetas, include = 128, 3, [10.0, 100.0], "2.*"
-        run = dict(chains=1, warmup=60, draws=150, max_tree_depth=6)
-        boot, m_obs = 10, 150
+        run = dict(chains=1, warmup=60, draws=120, max_tree_depth=6)
+        boot, m_obs = 10, 120
     else:
         n, hidden, nbetas, include = 256, 3, [3.0, 10.0, 30.0, 100.0], None
         run = dict(chains=2, warmup=300, draws=800, dense_mass=True)

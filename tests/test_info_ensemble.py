@@ -178,7 +178,7 @@ def test_end_to_end_nuts_input_target_matches_exact_mixture():
     probes = torch.as_tensor(np.stack([x1, x2]))
     exact = mixture_mi_1d([x1 @ mu, x2 @ mu], [x1 @ Sigma @ x1, x2 @ Sigma @ x2])
     assert 0.1 < exact < 0.5  # a non-trivial value, far from 0 and from log 2
-    ref = post.sample("nuts", chains=2, warmup=150, draws=1000, seed=7, progress=False)
+    ref = post.sample("nuts", chains=2, warmup=100, draws=1000, seed=7, progress=False)
     res = info.mutual_information(ref, probes=probes, b="", target="input", bootstrap=60)
     assert res.estimator == "ross"
     assert res.settings["pairs"] == 2000 and res.settings["num_probes"] == 2
