@@ -20,9 +20,12 @@ from torch import nn
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
+import condpost as cp  # noqa: E402
 from condpost.export import (  # noqa: E402
+    UnsupportedOpError,
     export_function,
     supported_ops,
+    to_jax,
 )
 
 aten = torch.ops.aten
@@ -303,6 +306,7 @@ CASES: dict[str, tuple[tuple[str, ...], object, tuple]] = {
         (F34, ("f", (5, 4)), ("i3", (5,))),
     ),
     "slice": (("slice.Tensor",), lambda x: x[1:, ::2], (F34,)),
+    "full_range_slice": (("alias.default",), lambda x: x[..., 0:4].reshape(2, 6), (F34,)),
     "slice_neg": (("slice.Tensor",), lambda x: x[:, -3:-1], (F34,)),
     "select": (("select.int",), lambda x: x[:, -1] * x[1, :3], (F34,)),
     "split": (("split_with_sizes.default",), lambda x: x.split([1, 3], 1)[1] * 2, (F34,)),
@@ -577,8 +581,240 @@ def test_op_value_and_grad_isolated(name, dtype):
     _assert_case(name, dtype, _run_cases([name], dtype, seed=1)[name])
 
 
+def test_docs_list_every_op():
+    """docs/export.md's op table names every op in the lowering table."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    missing = [op for op in supported_ops() if op.split(".")[-2 if "." in op else 0] not in doc]
+    assert not missing, f"ops missing from docs/export.md: {missing}"
+
+
 def test_every_table_op_is_tested():
     """Every op in the lowering table is the expected op of at least one case above."""
     tested = {op if op == "getitem" else f"aten.{op}" for exp, _, _ in CASES.values() for op in exp}
     untested = sorted(set(supported_ops()) - tested)
     assert not untested, f"ops in the table without a test case: {untested}"
+
+
+# --------------------------------------------------------------------------- parity
+class _Block(nn.Module):
+    """One transformer block on token ids: embedding + position, pre-LN attention, GELU MLP."""
+
+    def __init__(self, vocab=11, dm=8, heads=2, T=5, out=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dm)
+        self.pos = nn.Parameter(0.1 * torch.randn(T, dm))
+        self.ln1 = nn.LayerNorm(dm)
+        self.attn = nn.MultiheadAttention(dm, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(dm)
+        self.mlp = nn.Sequential(nn.Linear(dm, 16), nn.GELU(), nn.Linear(16, dm))
+        self.head = nn.Linear(dm, out)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.mlp(self.ln2(h))
+        return self.head(h.mean(1))
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.SiLU()
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.c1(x)))
+        h = torch.tanh(self.c2(h))
+        h = F.max_pool2d(h, 1)
+        return self.fc(h.flatten(1))
+
+
+def _declaration(kind, dtype, n=40):
+    """A LocalPosterior with constraints from the catalogue, for the three architectures."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        net = nn.Sequential(
+            nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 3)
+        )
+        x = torch.randn(n, 4)
+    elif kind == "conv":
+        net = _ConvNet()
+        with torch.no_grad():
+            net.bn.running_mean.uniform_(-0.5, 0.5)
+            net.bn.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(n, 1, 8, 8)
+    else:
+        net = _Block()
+        x = torch.randint(0, 11, (n, 5))
+    y = torch.randint(0, 3, (n,))
+    net = net.to(dtype).eval()
+    x = x.to(dtype) if x.is_floating_point() else x
+    post = cp.LocalPosterior(
+        net, (x, y), cp.Categorical(), localization=2.0, dtype=dtype, check_center=False
+    )
+    p = x[:8]
+    if kind == "mlp":
+        cons = [
+            cp.Activations("1", p, tolerance=0.1),
+            cp.Activations("3", p, tolerance=0.1, measure="cka", name="cka"),
+            cp.Activations("1", p, tolerance=0.1, side="upper", name="act_upper"),
+            cp.CircuitMap("1", "3", p, interventions="resample", tolerance=0.1),
+            cp.Outputs(p, kl=0.5),
+            cp.ActivationSparsity("1", p, tolerance=0.05),
+            cp.ActivationSparsity("3", p, surrogate="hoyer", tolerance=0.05, name="hoyer"),
+            cp.ActivationSparsity("3", p, surrogate="l1", tolerance=0.05, name="l1"),
+            cp.FiringPattern("1", p, tolerance=0.2),
+            cp.WeightSparsity("0.weight", tolerance=0.5),
+            cp.WeightSparsity("2.weight", form="smoothed_l0", eps=0.05, tolerance=0.5),
+            cp.WeightSparsity("4.weight", form="zero_pattern", threshold=0.1, tolerance=0.05),
+            cp.LowRank("2.weight", rank=2, tolerance=0.1),
+            cp.LowRank("0.weight", form="nuclear", tolerance=0.1, name="nuc"),
+            cp.LowRank("4.weight", form="effective_rank", tolerance=0.1, name="erank"),
+            cp.Quantized("4.bias", step=0.1, tolerance=0.05),
+            cp.LossLevel(0.01, tolerance=0.05),
+            cp.Feature(lambda v: v.weight("0.weight").norm(), tolerance=0.1, name="norm"),
+        ]
+    elif kind == "conv":
+        cons = [
+            cp.Activations("bn", p, tolerance=0.1),
+            cp.FiringPattern("c1", p, tolerance=0.2),
+            cp.LowRank("c2.weight", form="nuclear", tolerance=0.1),
+            cp.Outputs(p, kl=0.5),
+        ]
+    else:
+        cons = [
+            cp.Activations("ln2", p, tolerance=0.1),
+            cp.Activations("mlp", p, tolerance=0.1, measure="cka", name="cka"),
+            cp.LowRank("attn.out_proj.weight", rank=2, tolerance=0.1),
+            cp.ActivationSparsity("mlp.1", p, tolerance=0.05),
+            cp.WeightSparsity("mlp.0.weight", tolerance=0.5),
+        ]
+    for c in cons:
+        post.preserve(c)
+    return post
+
+
+def _parity(post, jp, draws=20, scale=0.02, seed=0):
+    """Max relative errors of U and ∇U (∞-norms) over ``draws`` random w near w*."""
+    gen = torch.Generator().manual_seed(seed)
+    W = post.center + scale * torch.randn(draws, post.d, generator=gen, dtype=post.dtype)
+    u_t, g_t = [], []
+    for w in W:
+        w = w.clone().requires_grad_(True)
+        u = post.potential(w)
+        (g,) = torch.autograd.grad(u, w)
+        u_t.append(u.item())
+        g_t.append(_np(g))
+    u_t, g_t = np.array(u_t), np.stack(g_t)
+    vg = jax.jit(jax.vmap(jax.value_and_grad(jp.potential)))
+    u_j, g_j = vg(jnp.asarray(_np(W)))
+    u_j, g_j = np.asarray(u_j, np.float64), np.asarray(g_j, np.float64)
+    assert u_j.dtype == np.float64 and np.asarray(u_j).shape == (draws,)
+    err_u = float(np.max(np.abs(u_j - u_t) / np.abs(u_t)))
+    err_g = float(np.max(np.max(np.abs(g_j - g_t), 1) / np.max(np.abs(g_t), 1)))
+    return err_u, err_g
+
+
+PARITY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "transformer"])
+def test_potential_parity(kind, dtype):
+    """Acceptance: U(w) and ∇U(w) from torch and from to_jax agree at 20 random w near w*."""
+    post = _declaration(kind, dtype)
+    jp = to_jax(post)
+    assert jp.d == post.d and jp.dtype == np.dtype(str(dtype).replace("torch.", ""))
+    np.testing.assert_array_equal(np.asarray(jp.center), _np(post.center))
+    assert jp.export_seconds > 0 and "aten.addmm.default" in jp.ops
+    err_u, err_g = _parity(post, jp)
+    print(f"parity {kind} {dtype}: max rel err U {err_u:.2e}, grad {err_g:.2e}")
+    assert err_u <= PARITY_RTOL[dtype] and err_g <= PARITY_RTOL[dtype], (err_u, err_g)
+    # L_n too, at w*
+    tol = PARITY_RTOL[dtype]
+    assert abs(float(jp.loss(jp.center)) - post.loss(post.center).item()) <= tol * post.loss_center
+
+
+@pytest.mark.parametrize(
+    "likelihood",
+    [
+        cp.Gaussian(scale=0.7),
+        cp.Bernoulli(),
+        cp.CustomNLL(lambda out, y: ((out - y) ** 4).sum(-1)),
+    ],
+    ids=["gaussian", "bernoulli", "custom"],
+)
+def test_likelihood_parity(likelihood):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(30, 3, dtype=torch.float64)
+    y = (torch.rand(30, 2) > 0.5).double() if isinstance(likelihood, cp.Bernoulli) else x[:, :2]
+    post = cp.LocalPosterior(net, (x, y), likelihood, localization=1.0, check_center=False)
+    err_u, err_g = _parity(post, to_jax(post), draws=5)
+    assert err_u <= 1e-10 and err_g <= 1e-10, (err_u, err_g)
+
+
+def test_dtype_override_and_x64():
+    post = _declaration("mlp", torch.float64)
+    jp32 = to_jax(post, dtype="float32")
+    assert jp32.dtype == np.float32 and jp32.center.dtype == np.float32
+    assert jp32.potential(jp32.center).dtype == np.float32
+    post32 = _declaration("mlp", torch.float32)
+    u = post32.potential(post32.center).item()
+    assert abs(float(jp32.potential(jp32.center)) - u) <= 1e-4 * abs(u)
+    to_jax(post)  # float64 export turns on x64
+    assert jax.config.jax_enable_x64
+    with pytest.raises(ValueError, match="'float32' or 'float64'"):
+        to_jax(post, dtype="float16")
+    with pytest.raises(TypeError, match="LocalPosterior"):
+        to_jax(post.lifted.net)
+
+
+class _Bessel(nn.Module):
+    def forward(self, x):
+        return torch.special.bessel_j0(x)
+
+
+class _I0(nn.Module):
+    def forward(self, x):
+        return torch.special.i0(x)
+
+
+def _post_with(module):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), module, nn.Linear(4, 1)).double()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    return cp.LocalPosterior(
+        net, (x, x[:, :1]), cp.Gaussian(scale=1.0), localization=1.0, check_center=False
+    )
+
+
+def test_unsupported_op_names_op_and_location():
+    post = _post_with(_Bessel())
+    with pytest.raises(UnsupportedOpError) as info:
+        to_jax(post)
+    err = info.value
+    msg = str(err)
+    assert isinstance(err, NotImplementedError)
+    assert err.op == "aten.special_bessel_j0.default" and err.op in msg
+    assert "module '1' (" in msg and "_Bessel" in msg  # the module path and class
+    assert "test_export.py" in msg and "bessel_j0(x)" in msg  # the source line
+    assert "extra_ops" in msg and "backend='pyro'" in msg  # how to proceed
+    # a plain function: its name and file stand in for the module path
+    with pytest.raises(UnsupportedOpError, match=r"special_bessel_j0.*\n.*test_export.py"):
+        export_function(lambda t: torch.special.bessel_j0(t).sum(), torch.randn(3))
+
+
+def test_extra_ops_extend_the_table():
+    post = _post_with(_I0())
+    with pytest.raises(UnsupportedOpError, match="aten.i0.default"):
+        to_jax(post)
+    jp = to_jax(post, extra_ops={aten.i0.default: jax.scipy.special.i0})
+    err_u, err_g = _parity(post, jp, draws=3)
+    assert err_u <= 1e-10 and err_g <= 1e-10
