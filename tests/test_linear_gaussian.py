@@ -82,7 +82,7 @@ def test_nuts_matches_exact_posterior(constrained, perturb):
     Z = W - mu  # [C, S, d], centred at the exact mean
     iu = np.triu_indices(prob.d)
     z_scores = []
-    for i, j in zip(*iu):
+    for i, j in zip(*iu, strict=True):
         prod = Z[..., i] * Z[..., j]
         se_ij = prod.std() / np.sqrt(float(az.ess(prod, method="mean")))
         z_scores.append((prod.mean() - Sigma[i, j]) / se_ij)
