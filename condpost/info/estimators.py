@@ -176,10 +176,17 @@ def _copula(a: np.ndarray) -> np.ndarray:
     this transform leaves ``I(X;Y)`` unchanged while making every marginal standard normal
     (the Gaussian-copula transform of Ince et al. 2017, Hum. Brain Mapp. 38:1541).
     """
-    from scipy.stats import rankdata
+    n = a.shape[0]
+    order = np.argsort(a, axis=0, kind="stable")
+    r = np.empty(a.shape, dtype=np.float64)
+    np.put_along_axis(r, order, np.broadcast_to(np.arange(1.0, n + 1.0)[:, None], a.shape), 0)
+    srt = np.take_along_axis(a, order, 0)
+    tied = np.flatnonzero((np.diff(srt, axis=0) == 0).any(0))
+    if tied.size:  # average ranks for ties (scipy.stats is slow to import; only when needed)
+        from scipy.stats import rankdata
 
-    r = rankdata(a, axis=0, method="average")
-    return ndtri(r / (a.shape[0] + 1.0))
+        r[:, tied] = rankdata(a[:, tied], axis=0, method="average")
+    return ndtri(r / (n + 1.0))
 
 
 def _duplicate_fraction(a: np.ndarray) -> float:
