@@ -10,6 +10,7 @@ Importing condpost never imports jax.
 
 __version__ = "0.1.0"
 
+from . import info  # imports no jax
 from ._errors import CenterWarning, CondpostWarning, ConstraintWarning, SamplerWarning
 from .calibration import Sensitivity, calibrate, sensitivity
 from .constraints import (
@@ -31,7 +32,10 @@ from .likelihoods import Bernoulli, Categorical, CustomNLL, Gaussian, Likelihood
 from .posterior import LocalPosterior
 from .primitives import capture, init_to_center, lift, preserve, temper
 from .reference import ReferenceClass
-from .slt import LLC
+from .slt import LLC, WBIC, refined_llc, wbic
+from .stepsize import StepSizeCalibration, calibrate_step_size
+from .store import open_store
+from .sweep import SweepResult, sweep
 
 __all__ = [
     "__version__",
@@ -59,6 +63,15 @@ __all__ = [
     "sensitivity",
     "Sensitivity",
     "LLC",
+    "WBIC",
+    "refined_llc",
+    "wbic",
+    "calibrate_step_size",
+    "StepSizeCalibration",
+    "open_store",
+    "sweep",
+    "SweepResult",
+    "info",
     "lift",
     "temper",
     "preserve",

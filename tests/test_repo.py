@@ -22,7 +22,20 @@ def test_all_resolves_and_no_jax_import():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("name", ["condpost.primitives", "condpost.diagnostics", "condpost.slt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "condpost.primitives",
+        "condpost.diagnostics",
+        "condpost.slt",
+        "condpost.stepsize",
+        "condpost.store",
+        "condpost.info",
+        "condpost.info.estimators",
+        "condpost.info.ensemble",
+        "condpost.infer.sgmcmc",
+    ],
+)
 def test_submodules_define_all(name):
     mod = importlib.import_module(name)
     assert all(hasattr(mod, n) for n in mod.__all__)
@@ -42,11 +55,16 @@ def test_public_contract_names():
         "preserve",
         "capture",
         "ReferenceClass",
+        "calibrate_step_size",
+        "sweep",
     ]:
         assert hasattr(cp, n)
+    # issue contracts: info on arrays and on reference classes, export, backends
+    assert callable(cp.info.mutual_information) and callable(cp.info.entropy)
+    assert callable(importlib.import_module("condpost.export").to_jax)
     for m in ["preserve", "sample", "fit"]:
         assert callable(getattr(cp.LocalPosterior, m))
-    for m in ["weights", "llc", "summary", "save", "load"]:
+    for m in ["weights", "llc", "summary", "save", "load", "preservation"]:
         assert callable(getattr(cp.ReferenceClass, m))
 
 

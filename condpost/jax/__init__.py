@@ -4,6 +4,7 @@ The same vocabulary as the Pyro side (``condpost.lift``, ``temper``, ``preserve`
 ``capture``, ``init_to_center``), for a network given as a parameter pytree (a dict of
 arrays, an Equinox module, Flax parameters) and a pure forward function:
 
+```python
 >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
 >>> import condpost.jax as cpj
 >>> params = {"w1": jnp.full((3, 8), 0.1), "w2": jnp.full((8, 1), 0.1)}
@@ -23,6 +24,7 @@ arrays, an Equinox module, Flax parameters) and a pure forward function:
 >>> tr = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace()
 >>> [k for k, v in tr.items() if v["type"] == "sample"]
 ['net.w1', 'net.w2', 'y', 'constraint/hidden']
+```
 
 Importing ``condpost`` never imports JAX; this subpackage needs
 ``pip install condpost[jax]``.
