@@ -410,7 +410,7 @@ def accuracy_section(args, dv_python) -> None:
         f"\n## Accuracy: DLN {widths} (d = {dln_parameter_count(widths)}), n = {args.n}, "
         f"batch {args.batch}, nβ = n/log n = {nbeta:.1f}. condpost SGLD: {args.acc_chains} "
         f"chains × ({args.acc_warmup} warmup + {args.acc_draws} steps, every "
-        f"{args.acc_thin}th kept); devinterp: {args.dv_chains} chains, same steps and ε "
+        f"{args.acc_thin}-th kept); devinterp: {args.dv_chains} chains, same steps and ε "
         f"(its λ̂ averages every step, burn-in included); NUTS target: {args.nuts_chains} chains × "
         f"({args.nuts_warmup} + {args.nuts_draws}), target_accept {args.nuts_accept}, "
         f"backend {args.nuts_backend}\n"
@@ -474,7 +474,7 @@ def accuracy_section(args, dv_python) -> None:
             )
             lc = res.llc()
         t_sgld = time.perf_counter() - t
-        notes = sorted({type(w.message).__name__ for w in caught})
+        notes = sorted({str(w.message).split(". ")[0] for w in caught})  # first sentences
         per_case[kind] = dict(lam=lam, target=ln.mean, se_t=se_t)
         rows.append(
             dict(
@@ -562,8 +562,9 @@ def accuracy_section(args, dv_python) -> None:
         print(
             f"  {row['case']}: NUTS {row['t_nuts']:.0f} s ({row['ndiv']} divergences); condpost "
             f"SGLD {row['t_sgld']:.0f} s; max |L_n − L_4rows| at 8 random w = {row['dmax']:.1e}"
-            + (f"; condpost warnings: {', '.join(row['notes'])}" if row["notes"] else "")
         )
+        for note in row["notes"]:
+            print(f"    condpost warned: {note}")
     print(
         "  s.e.: condpost's from the ESS of its loss trace (plus the baseline's); NUTS: the larger "
         "of the ESS-based s.e. and the chain means' spread/√chains; devinterp: its chain-to-chain "
