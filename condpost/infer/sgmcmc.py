@@ -124,6 +124,8 @@ class StepInfo(NamedTuple):
         RMSProp-SGLD's diagonal preconditioner ``G`` used for this step.
     batch : tuple (XB, YB)
         The minibatch ``[C, m, ...]`` the gradient used.
+    index : Tensor ``[C, m]`` or None
+        The minibatch's row indices into the data (None for a batch passed in).
     """
 
     loss: torch.Tensor
@@ -132,6 +134,7 @@ class StepInfo(NamedTuple):
     grad: torch.Tensor
     precond: torch.Tensor | None = None
     batch: tuple | None = None
+    index: torch.Tensor | None = None
 
 
 class SGMCMCKernel(NamedTuple):
@@ -147,6 +150,7 @@ class SGMCMCKernel(NamedTuple):
     draw_batch: Callable
     potential_and_grad: Callable
     settings: dict
+    advance: Callable | None = None
 
 
 def chain_generators(seeds: list[int], device) -> tuple:
@@ -187,6 +191,65 @@ class _Streams:
 # ---------------------------------------------------------------------------------------
 
 
+def _fast_forward(post: LocalPosterior) -> Callable:
+    """``f(w [d], x) -> output``, equal to ``post.lifted.forward(w, x)`` but cheaper per call.
+
+    ``torch.func.functional_call`` re-derives the module's parameter and buffer slots
+    (tied names, submodule look-ups) on every call; at small networks that bookkeeping
+    costs more than the forward pass. Here the slots ``(module._parameters, name)`` are
+    resolved once, and each call puts the views of ``w`` (and the frozen constants)
+    into them, runs the module and puts the originals back, exactly what
+    ``functional_call`` does. Works under ``vmap``. Checked once against
+    ``lifted.forward`` at ``w*`` on a few data rows; any difference (or a network whose
+    slots cannot be resolved) falls back to ``lifted.forward``.
+    """
+    lifted = post.lifted
+    net = lifted.net
+    try:
+        canon: dict[int, str] = {}
+        slots = []
+        for kind, items in (
+            ("_parameters", net.named_parameters(remove_duplicate=False)),
+            ("_buffers", net.named_buffers(remove_duplicate=False)),
+        ):
+            for name, t in items:
+                key = canon.setdefault(id(t), name)
+                path, _, attr = name.rpartition(".")
+                slots.append((getattr(net.get_submodule(path), kind), attr, key))
+    except Exception:  # noqa: BLE001 - unusual module: the general path
+        return lifted.forward
+    frozen = dict(lifted.frozen)
+    parts = list(zip(lifted.names, lifted.offsets, lifted.numels, lifted.shapes, strict=True))
+    keys = set(frozen) | {p[0] for p in parts}
+    if any(k not in keys for _, _, k in slots):
+        return lifted.forward
+
+    def fwd(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        vals = dict(frozen)
+        lead = w.shape[:-1]
+        for n, o, k, shp in parts:
+            vals[n] = w[..., o : o + k].view(*lead, *shp)
+        old = []
+        try:
+            for dct, attr, key in slots:
+                old.append(dct[attr])
+                dct[attr] = vals[key]
+            return net(x)
+        finally:
+            for (dct, attr, _), t in zip(slots, old, strict=False):
+                dct[attr] = t
+
+    try:
+        with torch.no_grad():
+            x0 = post.x[: min(4, post.n)]
+            a, b = fwd(post.center, x0), lifted.forward(post.center, x0)
+        if not (isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)):
+            return lifted.forward
+    except Exception:  # noqa: BLE001
+        return lifted.forward
+    return fwd
+
+
 def _potential_fns(
     post: LocalPosterior,
     *,
@@ -198,19 +261,21 @@ def _potential_fns(
 ):
     """Return ``f(W [C,d], XB [C,m,...], YB [C,m,...]) -> (grad [C,d], U [C], L_B [C])``.
 
-    ``U_B(w) = nβ L_B(w) + γ/2‖w − anchor‖² + Σ_c ρ_c D_c(w)``. Chains are vectorized
-    with ``torch.func.vmap`` when the network allows it (a per-chain loop otherwise).
+    ``U_B(w) = nβ L_B(w) + γ/2‖w − anchor‖² + Σ_c ρ_c D_c(w)``. Autograd differentiates
+    ``nβ L_B + Σ_c ρ_c D_c`` only; the localizer's gradient ``γ(w − anchor)`` is added in
+    closed form. Chains are vectorized with ``torch.func.vmap`` when the network allows it
+    (a per-chain loop otherwise); one chain runs without ``vmap``.
     """
     from torch.func import vmap
 
-    lifted, lik = post.lifted, post.likelihood
+    lik = post.likelihood
     bound = post.constraints
     nb, gam = float(nbeta), float(localization)
+    forward = _fast_forward(post)
 
-    def u_batch(w, xb, yb):
-        loss = lik.nll(lifted.forward(w, xb), yb).mean()
-        diff = w - anchor
-        u = nb * loss + 0.5 * gam * (diff * diff).sum()
+    def obj(w, xb, yb):
+        loss = lik.nll(forward(w, xb), yb).mean()
+        u = nb * loss
         if bound:
             v = post.view(w)
             for b in bound:
@@ -219,7 +284,7 @@ def _potential_fns(
 
     # Chains are independent, so ∇_W Σ_c U_c(W_c) stacks the per-chain gradients: one
     # reverse pass through the vmapped forward (cheaper than vmap(grad(...)) in eager mode).
-    batched = vmap(u_batch)
+    batched = vmap(obj)
     mode = {"vmap": vectorize in ("auto", True), "checked": vectorize is not True}
 
     def with_grad(fn, W, XB, YB):
@@ -227,19 +292,35 @@ def _potential_fns(
         with torch.enable_grad():
             u, loss = fn(w, XB, YB)
             (g,) = torch.autograd.grad(u.sum(), w)
-        return g, u.detach(), loss.detach()
+        diff = W - anchor
+        if gam:
+            g = g.add(diff, alpha=gam)
+        u = u.detach() + (0.5 * gam) * (diff * diff).sum(-1)
+        return g, u, loss.detach()
 
     def loop(w, XB, YB):
         if w.shape[0] == 1:
-            u, loss = u_batch(w[0], XB[0], YB[0])
+            u, loss = obj(w[0], XB[0], YB[0])
             return u.unsqueeze(0), loss.unsqueeze(0)
-        outs = [u_batch(w[c], XB[c], YB[c]) for c in range(w.shape[0])]
+        outs = [obj(w[c], XB[c], YB[c]) for c in range(w.shape[0])]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
     if compile:
         from torch.func import grad_and_value
 
-        compiled = torch.compile(vmap(grad_and_value(u_batch, has_aux=True)), dynamic=False)
+        lifted = post.lifted
+
+        def u_full(w, xb, yb):
+            loss = lik.nll(lifted.forward(w, xb), yb).mean()
+            diff = w - anchor
+            u = nb * loss + 0.5 * gam * (diff * diff).sum()
+            if bound:
+                v = post.view(w)
+                for b in bound:
+                    u = u + b.penalty(v)
+            return u, loss
+
+        compiled = torch.compile(vmap(grad_and_value(u_full, has_aux=True)), dynamic=False)
 
     def f(W, XB, YB):
         if compile and mode.get("compiled", True):
@@ -266,24 +347,28 @@ def _potential_fns(
         return with_grad(batched, W, XB, YB)
 
     f.mode = mode  # type: ignore[attr-defined]
+    f.forward = forward  # type: ignore[attr-defined]
     return f
 
 
-def _loss_fn(post: LocalPosterior):
+def _loss_fn(post: LocalPosterior, forward: Callable | None = None):
     """``f(W [C,d], XB, YB) -> L_B [C]`` (no gradient), vectorized over chains."""
     from torch.func import vmap
 
-    lifted, lik = post.lifted, post.likelihood
+    lik = post.likelihood
+    forward = post.lifted.forward if forward is None else forward
 
     def one(w, xb, yb):
-        return lik.nll(lifted.forward(w, xb), yb).mean()
+        return lik.nll(forward(w, xb), yb).mean()
 
     batched = vmap(one)
     state = {"vmap": True}
 
     def f(W, XB, YB):
         with torch.no_grad():
-            if state["vmap"] and W.shape[0] > 1:
+            if W.shape[0] == 1:
+                return one(W[0], XB[0], YB[0]).unsqueeze(0)
+            if state["vmap"]:
                 try:
                     return batched(W, XB, YB)
                 except Exception:  # noqa: BLE001
@@ -302,7 +387,24 @@ def _center_batch_loss(post: LocalPosterior, XB, YB) -> torch.Tensor:
     return nll.reshape(C, m).mean(1)
 
 
+def _center_nll(post: LocalPosterior, rows: int = 8192) -> torch.Tensor:
+    """Per-sample NLL ``ℓ_i(w*)`` of every data point ``[n]`` (one pass, in blocks).
+
+    ``L_B(w*)`` of a batch with indices ``idx`` is then ``ℓ(w*)[idx].mean()``: the
+    paired loss estimators need it at every measured draw, and ``w*`` never moves.
+    """
+    with torch.no_grad():
+        out = [
+            post.likelihood.nll(
+                post.lifted.forward(post.center, post.x[i : i + rows]), post.y[i : i + rows]
+            )
+            for i in range(0, post.n, rows)
+        ]
+    return torch.cat(out)
+
+
 def _batch_drawer(post: LocalPosterior, batch_size: int):
+    """``draw(gens, m=None) -> (XB, YB, idx)``: ``m`` indices per chain, with replacement."""
     X, Y, n = post.x, post.y, post.n
     dev = X.device
 
@@ -314,7 +416,7 @@ def _batch_drawer(post: LocalPosterior, batch_size: int):
             idx = torch.randint(n, (1, m), generator=gens[0], device=dev)
         else:
             idx = torch.stack([torch.randint(n, (m,), generator=g, device=dev) for g in gens])
-        return X[idx], Y[idx]
+        return X[idx], Y[idx], idx
 
     return draw
 
@@ -409,23 +511,31 @@ def make_kernel(
             adapting=True,
         )
 
-    def step(rng_key, state: SGMCMCState, batch=None):
-        keys = state.rng if rng_key is None else rng_key
-        C = state.w.shape[0]
-        gens = streams.load(keys)
+    sqrt_eps = math.sqrt(eps_)
+    sghmc_sd = math.sqrt(2 * friction * eps_)
+
+    def advance(gens, state: SGMCMCState, batch=None, virial: bool = True):
+        """One step with *live* generators ``gens`` (advanced in place); the returned
+        state's ``rng`` field is left as it was (the caller dumps the generators when it
+        needs the state). ``virial=False`` skips the virial (``info.virial`` is None)."""
+        idx = None
         if batch is None:
-            batch = draw_batch(gens)
-        XB, YB = batch
-        g, u, loss = pot(state.w, XB, YB)
-        noise = torch.empty_like(state.w)
-        for c, gc in enumerate(gens):
-            noise[c].normal_(generator=gc)
-        new_rng = streams.dump(C)
-        virial = ((state.w - center) * g).sum(-1)
+            XB, YB, idx = draw_batch(gens)
+        else:
+            XB, YB = batch
+        w0 = state.w
+        g, u, loss = pot(w0, XB, YB)
+        noise = torch.empty_like(w0)
+        if len(gens) == 1:
+            noise.normal_(generator=gens[0])
+        else:
+            for c, gc in enumerate(gens):
+                noise[c].normal_(generator=gc)
+        vir = ((w0 - center) * g).sum(-1) if virial else None
         precond = None
         if method == "sgld":
-            w = state.w - (0.5 * eps_) * g + math.sqrt(eps_) * noise
-            new = state._replace(w=w)
+            w = w0.add(g, alpha=-0.5 * eps_).add_(noise, alpha=sqrt_eps)
+            new = state._replace(w=w, step=state.step + 1)
         elif method == "rmsprop_sgld":
             sq, t = state.sq_avg, state.adapt_steps
             if state.adapting:
@@ -437,17 +547,28 @@ def make_kernel(
                 precond = torch.ones_like(sq)
             else:
                 precond = 1.0 / (eps + (sq / (1 - alpha**t)).sqrt())
-            w = state.w - (0.5 * eps_) * precond * g + (eps_ * precond).sqrt() * noise
-            new = state._replace(w=w, sq_avg=sq, adapt_steps=t)
+            w = w0 - (0.5 * eps_) * precond * g + (eps_ * precond).sqrt() * noise
+            new = state._replace(w=w, sq_avg=sq, adapt_steps=t, step=state.step + 1)
         else:  # sghmc
             v = (1 - friction) * state.momentum - eps_ * g
-            v = v + math.sqrt(2 * friction * eps_) * noise
-            new = state._replace(w=state.w + v, momentum=v)
-        new = new._replace(rng=new_rng, step=state.step + 1)
+            v = v + sghmc_sd * noise
+            new = state._replace(w=w0 + v, momentum=v, step=state.step + 1)
         info = StepInfo(
-            loss=loss, potential=u, virial=virial, grad=g, precond=precond, batch=(XB, YB)
+            loss=loss,
+            potential=u,
+            virial=vir,
+            grad=g,
+            precond=precond,
+            batch=(XB, YB),
+            index=idx,
         )
         return new, info
+
+    def step(rng_key, state: SGMCMCState, batch=None):
+        keys = state.rng if rng_key is None else rng_key
+        gens = streams.load(keys)
+        new, info = advance(gens, state, batch)
+        return new._replace(rng=streams.dump(state.w.shape[0])), info
 
     settings = {
         "method": method,
@@ -469,6 +590,7 @@ def make_kernel(
         draw_batch=draw_batch,
         potential_and_grad=pot,
         settings=settings,
+        advance=advance,
     )
 
 
@@ -779,13 +901,14 @@ def run_sgmcmc(
         per_draw = chains * post.d * post.center.element_size()
         chunk_draws = max(1, min(draws, (64 << 20) // max(per_draw, 1), 1000))
 
-    measure_loss = _loss_fn(post)
+    measure_loss = _loss_fn(post, kernel.potential_and_grad.forward)
+    # ℓ_i(w*) of every sample, for the w* half of the paired estimators (one full pass)
+    nll_center = _center_nll(post) if loss in ("independent", "gradient") else None
     # E‖w − w*‖² is about d/γ when the localizer alone confines the draws; 10⁴ times that
     # means the chain has blown up even if the numbers are still finite
     blowup = 1e4 * post.d / float(prior.get("localization") or post.localization)
     if prior.get("anchor") is not None:
         blowup = float("inf")
-    streams = _Streams(post.device)
     total_steps = warmup + draws * thin
     from tqdm.auto import tqdm
 
@@ -801,10 +924,93 @@ def run_sgmcmc(
     prev_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
+    # The loop runs on live generators (loaded once from the state's streams, dumped back
+    # whenever a state is handed out: checkpoints and callbacks), and keeps the per-step
+    # tensors it must check or record in a window that is checked and copied to NumPy at
+    # once (every chunk, every 1024 steps and at the end): no host sync per step.
+    streams = _Streams(post.device)
+    gens = streams.load(state.rng)
+    advance = kernel.advance
+    win_t: list[int] = []  # steps whose potential is buffered
+    win_u: list[torch.Tensor] = []
+    kept_t: list[int] = []  # steps of the buffered kept draws
+    kept_s: list[int] = []  # their draw indices
+    kept: dict[str, list] = {"virial": [], "batch_loss": [], "dist2": [], "w": []}
+    kept_loss: list[tuple[int, torch.Tensor]] = []
+    kept_full: list[tuple[int, torch.Tensor]] = []
+    kept_def: dict[str, list[torch.Tensor]] = {nm: [] for nm in defect_names}
+    max_window = 1024
+
+    def to_np(xs: list[torch.Tensor]) -> np.ndarray:
+        return torch.stack(xs, 1).cpu().numpy()  # [C, k]
+
+    def check_window() -> None:
+        t_u = t_w = None
+        if win_u:
+            bad_u = ~torch.isfinite(torch.stack(win_u))  # [S, C]
+            rows = bad_u.any(1).nonzero()
+            if rows.numel():
+                r = int(rows[0])
+                t_u, chains_u = win_t[r], bad_u[r].nonzero().flatten().tolist()
+        if kept_t:
+            d2 = torch.stack(kept["dist2"])  # [K, C]
+            bad_w = ~torch.isfinite(d2) | (d2 > blowup)
+            rows = bad_w.any(1).nonzero()
+            if rows.numel():
+                r = int(rows[0])
+                t_w, row = kept_t[r], d2[r]
+        if t_u is not None and (t_w is None or t_u <= t_w):
+            raise _nonfinite_error(
+                method, kernel.step_size, chains_u, t_u, warmup, thin, "loss or weights"
+            )
+        if t_w is not None:
+            nonfin = (~torch.isfinite(row)).nonzero().flatten().tolist()
+            if nonfin:
+                raise _nonfinite_error(
+                    method, kernel.step_size, nonfin, t_w, warmup, thin, "weights"
+                )
+            raise _nonfinite_error(
+                method,
+                kernel.step_size,
+                (row > blowup).nonzero().flatten().tolist(),
+                t_w,
+                warmup,
+                thin,
+                f"‖w − w*‖² > {blowup:.3g} = 10⁴·d/γ, far outside the localized posterior",
+            )
+
+    def flush() -> None:
+        check_window()
+        win_t.clear()
+        win_u.clear()
+        if kept_s:
+            s0, k = kept_s[0], len(kept_s)
+            for nm in ("virial", "batch_loss", "dist2"):
+                stats[nm][:, s0 : s0 + k] = to_np(kept[nm])
+            for nm, xs in kept_def.items():
+                stats[nm][:, s0 : s0 + k] = to_np(xs)
+                xs.clear()
+            for name, items in (("loss", kept_loss), ("loss_full", kept_full)):
+                if items:
+                    j0 = items[0][0]
+                    stats[name][:, j0 : j0 + len(items)] = to_np([v for _, v in items])
+                    items.clear()
+            if kept["w"]:
+                wn = torch.stack(kept["w"]).detach().cpu().numpy()  # [K, C, d]
+                if draws_buf is not None:
+                    draws_buf[:, s0 : s0 + k] = wn.transpose(1, 0, 2)
+                else:
+                    pending.extend(wn)
+            for xs in kept.values():
+                xs.clear()
+            kept_t.clear()
+            kept_s.clear()
+
     t0 = time.perf_counter()
     chunk_start = done
     pending: list[np.ndarray] = []
     last_loss = float("nan")
+    center = post.center
     try:
         while state.step < total_steps:
             t = state.step
@@ -814,68 +1020,48 @@ def run_sgmcmc(
             keep = t >= warmup and (t - warmup) % thin == 0
             s = (t - warmup) // thin if keep else -1
             w_t = state.w
-            state, info = kernel.step(None, state)
-            batch = info.batch
-            if not bool(torch.isfinite(info.potential).all()):
-                bad = (~torch.isfinite(info.potential)).nonzero().flatten().tolist()
-                raise _nonfinite_error(
-                    method, kernel.step_size, bad, t, warmup, thin, "loss or weights"
-                )
+            state, info = advance(gens, state, None, keep)
+            win_t.append(t)
+            win_u.append(info.potential)
             if keep:
-                if not bool(torch.isfinite(w_t).all()):
-                    bad = (~torch.isfinite(w_t).all(-1)).nonzero().flatten().tolist()
-                    raise _nonfinite_error(
-                        method, kernel.step_size, bad, t, warmup, thin, "weights"
-                    )
-                stats["virial"][:, s] = info.virial.cpu().numpy()
-                stats["batch_loss"][:, s] = info.loss.cpu().numpy()
-                d2 = ((w_t - post.center) ** 2).sum(-1)
-                stats["dist2"][:, s] = d2.cpu().numpy()
-                far = d2 > blowup
-                if bool(far.any()):
-                    raise _nonfinite_error(
-                        method,
-                        kernel.step_size,
-                        far.nonzero().flatten().tolist(),
-                        t,
-                        warmup,
-                        thin,
-                        f"‖w − w*‖² > {blowup:.3g} = 10⁴·d/γ, far outside the localized posterior",
-                    )
+                kept_t.append(t)
+                kept_s.append(s)
+                kept["virial"].append(info.virial)
+                kept["batch_loss"].append(info.loss)
+                diff = w_t - center
+                kept["dist2"].append((diff * diff).sum(-1))
+                if keep_draws:
+                    kept["w"].append(w_t)
                 if s % loss_every == 0:
                     j = s // loss_every
                     if loss == "full":
                         lw = post.evaluate(w_t, grad=False)["loss"]
                     elif loss == "gradient":
-                        lw = post.loss_center + info.loss - _center_batch_loss(post, *batch)
+                        lw = info.loss - nll_center[info.index].mean(1) + post.loss_center
                     else:
-                        gens = streams.load(state.rng)
-                        XB, YB = kernel.draw_batch(gens, loss_batch_size)
-                        state = state._replace(rng=streams.dump(chains))
-                        lw = (
-                            post.loss_center
-                            + measure_loss(w_t, XB, YB)
-                            - _center_batch_loss(post, XB, YB)
-                        )
-                    stats["loss"][:, j] = lw.cpu().numpy()
+                        XB, YB, idx = kernel.draw_batch(gens, loss_batch_size)
+                        lw = measure_loss(w_t, XB, YB) - nll_center[idx].mean(1)
+                        lw = lw + post.loss_center
+                    kept_loss.append((j, lw))
                 if n_full and s % int(full_loss_every) == 0:
-                    stats["loss_full"][:, s // int(full_loss_every)] = (
-                        post.evaluate(w_t, grad=False)["loss"].cpu().numpy()
-                    )
+                    lf = post.evaluate(w_t, grad=False)["loss"]
+                    kept_full.append((s // int(full_loss_every), lf))
                 if defect_names:
                     for nm, val in _defects(post, w_t).items():
-                        stats[nm][:, s] = val.cpu().numpy()
-                wn = w_t.detach().cpu().numpy()
-                if draws_buf is not None:
-                    draws_buf[:, s] = wn
-                elif rs is not None and keep_draws:
-                    pending.append(wn)
-                if rs is not None and (s + 1 - chunk_start >= chunk_draws or s + 1 == draws):
-                    rs.write_chunk(chunk_start, pending, state, s + 1)
+                        kept_def[nm].append(val)
+                boundary = rs is not None and (s + 1 - chunk_start >= chunk_draws or s + 1 == draws)
+                if boundary or callback is not None or len(kept_s) >= chunk_draws:
+                    flush()
+                if boundary:
+                    rs.write_chunk(
+                        chunk_start, pending, state._replace(rng=streams.dump(chains)), s + 1
+                    )
                     pending = []
                     chunk_start = s + 1
                 if callback is not None:
-                    callback(state, s)
+                    callback(state._replace(rng=streams.dump(chains)), s)
+            elif len(win_u) >= max_window:
+                flush()
             if progress and (t % 20 == 0 or t == total_steps - 1):
                 last_loss = float(info.loss.mean())
                 bar.set_postfix(
@@ -884,6 +1070,7 @@ def run_sgmcmc(
                     refresh=False,
                 )
             bar.update(1)
+        flush()
     finally:
         bar.close()
         torch.set_num_threads(prev_threads)
