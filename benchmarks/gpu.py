@@ -429,7 +429,7 @@ def main(argv=None):
             f"| {100 * rate / raw[C]:.0f}% | {fmt(e_l, 1)} | {fmt(e_w, 1)} | {rel} "
             f"| {r['divergences']} |"
         )
-    notes = sorted({r["via"] for _, _, r in rows if "NUTS" in _})
+    notes = sorted({r["via"] for n, _, r in rows if "NUTS" in n})
     lines += [
         "",
         f"NUTS via {', '.join(notes)}; ChEES via `condpost.infer.chees.chees_sample` "
