@@ -45,11 +45,15 @@ _TORCH_TO_NP = {
 
 
 def jax_dtype(dtype: torch.dtype | None):
-    """The JAX dtype of a torch dtype (``None`` stays ``None``)."""
+    """The JAX dtype of a torch dtype (``None`` stays ``None``).
+
+    Canonicalized for the current ``jax_enable_x64`` setting: without it, int64 maps to
+    int32 (indices) and float64 to float32, as JAX itself would store them.
+    """
     if dtype is None:
         return None
     try:
-        return jnp.dtype(_TORCH_TO_NP[dtype])
+        return jax.dtypes.canonicalize_dtype(_TORCH_TO_NP[dtype])
     except KeyError:
         raise TypeError(f"torch dtype {dtype} has no JAX equivalent in condpost.export") from None
 

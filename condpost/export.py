@@ -247,7 +247,7 @@ class ExportedFunction:
             return jnp.asarray(
                 t.to(torch.float64).numpy() if t.dtype != torch.float32 else t.numpy(), dtype=dt
             )
-        return jnp.asarray(t.numpy())
+        return jnp.asarray(t.numpy(), dtype=jax_dtype(t.dtype))
 
     def __call__(self, *args):
         flat, spec = pytree.tree_flatten((args, {}))

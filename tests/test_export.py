@@ -563,7 +563,9 @@ def _assert_case(name, dtype, r):
 
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["f64", "f32"])
 def all_cases(request):
-    return request.param, _run_cases(sorted(CASES), request.param)
+    # float32 runs without jax_enable_x64 (int64 indices become int32, as for users)
+    with jax.enable_x64(request.param == torch.float64):
+        return request.param, _run_cases(sorted(CASES), request.param)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -724,11 +726,32 @@ def _parity(post, jp, draws=20, scale=0.02, seed=0):
 PARITY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("kind", ["mlp", "conv", "transformer"])
+# the default suite runs the MLP in both dtypes and the other two in float64; all six
+# (the acceptance set) run with `pytest -m slow` too
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [
+        ("mlp", torch.float64),
+        ("mlp", torch.float32),
+        ("conv", torch.float64),
+        ("transformer", torch.float64),
+        pytest.param("conv", torch.float32, marks=_SLOW),
+        pytest.param("transformer", torch.float32, marks=_SLOW),
+    ],
+    ids=["mlp-f64", "mlp-f32", "conv-f64", "transformer-f64", "conv-f32", "transformer-f32"],
+)
 def test_potential_parity(kind, dtype):
     """Acceptance: U(w) and ∇U(w) from torch and from to_jax agree at 20 random w near w*."""
     post = _declaration(kind, dtype)
+    # float32 must work without jax_enable_x64 (which another test may have switched on)
+    with jax.enable_x64(dtype == torch.float64):
+        _check_parity(post, kind, dtype)
+
+
+def _check_parity(post, kind, dtype):
     jp = to_jax(post)
     assert jp.d == post.d and jp.dtype == np.dtype(str(dtype).replace("torch.", ""))
     np.testing.assert_array_equal(np.asarray(jp.center), _np(post.center))
@@ -761,11 +784,11 @@ def test_likelihood_parity(likelihood):
 
 
 def test_dtype_override_and_x64():
-    post = _declaration("mlp", torch.float64)
+    post = _post_with(nn.Tanh())
     jp32 = to_jax(post, dtype="float32")
     assert jp32.dtype == np.float32 and jp32.center.dtype == np.float32
     assert jp32.potential(jp32.center).dtype == np.float32
-    post32 = _declaration("mlp", torch.float32)
+    post32 = post._replace(dtype=torch.float32)
     u = post32.potential(post32.center).item()
     assert abs(float(jp32.potential(jp32.center)) - u) <= 1e-4 * abs(u)
     to_jax(post)  # float64 export turns on x64
