@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .._errors import SamplerWarning, warn
 
@@ -224,11 +225,14 @@ def _fast_forward(post: LocalPosterior) -> Callable:
     if any(k not in keys for _, _, k in slots):
         return lifted.forward
 
+    numels = [p[2] for p in parts]
+
     def fwd(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         vals = dict(frozen)
         lead = w.shape[:-1]
-        for n, o, k, shp in parts:
-            vals[n] = w[..., o : o + k].view(*lead, *shp)
+        # one split (its backward is one concatenation) rather than a slice per parameter
+        for (n, _, _, shp), piece in zip(parts, w.split(numels, -1), strict=True):
+            vals[n] = piece.view(*lead, *shp)
         old = []
         try:
             for dct, attr, key in slots:
@@ -248,6 +252,57 @@ def _fast_forward(post: LocalPosterior) -> Callable:
     except Exception:  # noqa: BLE001
         return lifted.forward
     return fwd
+
+
+def _mean_nll(post: LocalPosterior) -> Callable:
+    """``f(output [m, ...], y) -> (1/m) Σ_i ℓ_i``, the minibatch-mean NLL ``L_B``.
+
+    Fused forms for the built-in likelihoods (fewer autograd nodes than the per-sample
+    ``likelihood.nll`` followed by a mean; the same value up to rounding):
+
+    * ``Gaussian(s)``, scalar ``s``: ``‖y − f‖²/(2 s² m) + k (log s + ½ log 2π)``, ``k``
+      outputs per sample;
+    * ``Categorical``: ``cross_entropy(f, y, reduction="sum")/m``.
+
+    Any other likelihood: ``likelihood.nll(output, y).mean()``. The fused form is checked
+    once against the general one at ``w*`` (relative 1e-5) and dropped if it differs.
+    """
+    from ..likelihoods import Categorical, Gaussian
+
+    lik = post.likelihood
+
+    def general(out, y):
+        return lik.nll(out, y).mean()
+
+    fused = None
+    if type(lik) is Gaussian and isinstance(lik.scale, (int, float)):
+        s = float(lik.scale)
+        half_inv_s2 = 0.5 / (s * s)
+        log_norm = math.log(s) + 0.5 * math.log(2 * math.pi)
+
+        def fused(out, y):
+            m = out.shape[0]
+            k = out.numel() // max(m, 1)
+            return (y - out).square().sum() * (half_inv_s2 / m) + k * log_norm
+
+    elif type(lik) is Categorical and post.y.dtype == torch.long:
+
+        def fused(out, y):
+            flat = out.reshape(-1, out.shape[-1])
+            return F.cross_entropy(flat, y.reshape(-1), reduction="sum") / out.shape[0]
+
+    if fused is None:
+        return general
+    try:
+        with torch.no_grad():
+            x0, y0 = post.x[: min(8, post.n)], post.y[: min(8, post.n)]
+            out = post.lifted.forward(post.center, x0)
+            a, b = fused(out, y0), general(out, y0)
+        if not bool(torch.isclose(a, b, rtol=1e-5, atol=1e-6 * (1 + abs(float(b))))):
+            return general
+    except Exception:  # noqa: BLE001
+        return general
+    return fused
 
 
 def _potential_fns(
@@ -272,9 +327,10 @@ def _potential_fns(
     bound = post.constraints
     nb, gam = float(nbeta), float(localization)
     forward = _fast_forward(post)
+    mean_nll = _mean_nll(post)
 
     def obj(w, xb, yb):
-        loss = lik.nll(forward(w, xb), yb).mean()
+        loss = mean_nll(forward(w, xb), yb)
         u = nb * loss
         if bound:
             v = post.view(w)
@@ -287,15 +343,22 @@ def _potential_fns(
     batched = vmap(obj)
     mode = {"vmap": vectorize in ("auto", True), "checked": vectorize is not True}
 
-    def with_grad(fn, W, XB, YB):
-        w = W.detach().requires_grad_(True)
-        with torch.enable_grad():
-            u, loss = fn(w, XB, YB)
-            (g,) = torch.autograd.grad(u.sum(), w)
+    def with_grad(fn, W, XB, YB, potential=True):
+        if W.shape[0] == 1:  # one chain: differentiate w.r.t. the unbatched vector
+            w = W[0].detach().requires_grad_(True)
+            with torch.enable_grad():
+                u, loss = obj(w, XB[0], YB[0])
+                (g,) = torch.autograd.grad(u, w)
+            g, u, loss = g.unsqueeze(0), u.unsqueeze(0), loss.unsqueeze(0)
+        else:
+            w = W.detach().requires_grad_(True)
+            with torch.enable_grad():
+                u, loss = fn(w, XB, YB)
+                (g,) = torch.autograd.grad(u.sum(), w)
         diff = W - anchor
         if gam:
             g = g.add(diff, alpha=gam)
-        u = u.detach() + (0.5 * gam) * (diff * diff).sum(-1)
+        u = u.detach() + (0.5 * gam) * (diff * diff).sum(-1) if potential else None
         return g, u, loss.detach()
 
     def loop(w, XB, YB):
@@ -322,7 +385,7 @@ def _potential_fns(
 
         compiled = torch.compile(vmap(grad_and_value(u_full, has_aux=True)), dynamic=False)
 
-    def f(W, XB, YB):
+    def f(W, XB, YB, potential=True):
         if compile and mode.get("compiled", True):
             try:
                 g, (u, loss) = compiled(W, XB, YB)
@@ -335,16 +398,16 @@ def _potential_fns(
                     SamplerWarning,
                 )
         if W.shape[0] == 1 or not mode["vmap"]:
-            return with_grad(loop, W, XB, YB)
+            return with_grad(loop, W, XB, YB, potential)
         if mode["checked"]:
             try:
-                out = with_grad(batched, W, XB, YB)
+                out = with_grad(batched, W, XB, YB, potential)
             except Exception:  # noqa: BLE001 - modules vmap cannot trace: loop instead
                 mode["vmap"] = False
-                return with_grad(loop, W, XB, YB)
+                return with_grad(loop, W, XB, YB, potential)
             mode["checked"] = False
             return out
-        return with_grad(batched, W, XB, YB)
+        return with_grad(batched, W, XB, YB, potential)
 
     f.mode = mode  # type: ignore[attr-defined]
     f.forward = forward  # type: ignore[attr-defined]
@@ -355,11 +418,11 @@ def _loss_fn(post: LocalPosterior, forward: Callable | None = None):
     """``f(W [C,d], XB, YB) -> L_B [C]`` (no gradient), vectorized over chains."""
     from torch.func import vmap
 
-    lik = post.likelihood
     forward = post.lifted.forward if forward is None else forward
+    mean_nll = _mean_nll(post)
 
     def one(w, xb, yb):
-        return lik.nll(forward(w, xb), yb).mean()
+        return mean_nll(forward(w, xb), yb)
 
     batched = vmap(one)
     state = {"vmap": True}
@@ -514,17 +577,18 @@ def make_kernel(
     sqrt_eps = math.sqrt(eps_)
     sghmc_sd = math.sqrt(2 * friction * eps_)
 
-    def advance(gens, state: SGMCMCState, batch=None, virial: bool = True):
+    def advance(gens, state: SGMCMCState, batch=None, virial: bool = True, potential=True):
         """One step with *live* generators ``gens`` (advanced in place); the returned
         state's ``rng`` field is left as it was (the caller dumps the generators when it
-        needs the state). ``virial=False`` skips the virial (``info.virial`` is None)."""
+        needs the state). ``virial=False`` / ``potential=False`` skip the virial and the
+        potential (``info.virial`` / ``info.potential`` are then None)."""
         idx = None
         if batch is None:
             XB, YB, idx = draw_batch(gens)
         else:
             XB, YB = batch
         w0 = state.w
-        g, u, loss = pot(w0, XB, YB)
+        g, u, loss = pot(w0, XB, YB, potential)
         noise = torch.empty_like(w0)
         if len(gens) == 1:
             noise.normal_(generator=gens[0])
@@ -935,7 +999,10 @@ def run_sgmcmc(
     win_u: list[torch.Tensor] = []
     kept_t: list[int] = []  # steps of the buffered kept draws
     kept_s: list[int] = []  # their draw indices
-    kept: dict[str, list] = {"virial": [], "batch_loss": [], "dist2": [], "w": []}
+    # kept draws' weights and gradients (references, no copies), batch losses and, for
+    # loss="gradient", batch indices: their statistics are computed per window at once
+    kept: dict[str, list] = {"batch_loss": [], "w": [], "grad": [], "index": []}
+    kept_j: list[int] = []  # loss="gradient": loss slots of the kept draws that have one
     kept_loss: list[tuple[int, torch.Tensor]] = []
     kept_full: list[tuple[int, torch.Tensor]] = []
     kept_def: dict[str, list[torch.Tensor]] = {nm: [] for nm in defect_names}
@@ -944,7 +1011,24 @@ def run_sgmcmc(
     def to_np(xs: list[torch.Tensor]) -> np.ndarray:
         return torch.stack(xs, 1).cpu().numpy()  # [C, k]
 
-    def check_window() -> None:
+    def window_stats() -> dict[str, torch.Tensor]:
+        if not kept_s:
+            return {}
+        W = torch.stack(kept["w"])  # [K, C, d]
+        diff = W - center
+        out = {
+            "dist2": (diff * diff).sum(-1),
+            "virial": (diff * torch.stack(kept["grad"])).sum(-1),
+            "batch_loss": torch.stack(kept["batch_loss"]),
+        }
+        if kept_j:  # paired estimator on the gradient batch: L_n(w*) + L_B(w) − L_B(w*)
+            rows = [i for i, s_ in enumerate(kept_s) if s_ % loss_every == 0]
+            lb = out["batch_loss"][rows]
+            lc = nll_center[torch.stack(kept["index"])].mean(-1)
+            out["loss"] = lb - lc + post.loss_center
+        return out
+
+    def check_window(ws: dict[str, torch.Tensor]) -> None:
         t_u = t_w = None
         if win_u:
             bad_u = ~torch.isfinite(torch.stack(win_u))  # [S, C]
@@ -953,7 +1037,7 @@ def run_sgmcmc(
                 r = int(rows[0])
                 t_u, chains_u = win_t[r], bad_u[r].nonzero().flatten().tolist()
         if kept_t:
-            d2 = torch.stack(kept["dist2"])  # [K, C]
+            d2 = ws["dist2"]  # [K, C]
             bad_w = ~torch.isfinite(d2) | (d2 > blowup)
             rows = bad_w.any(1).nonzero()
             if rows.numel():
@@ -980,13 +1064,17 @@ def run_sgmcmc(
             )
 
     def flush() -> None:
-        check_window()
+        ws = window_stats()
+        check_window(ws)
         win_t.clear()
         win_u.clear()
         if kept_s:
             s0, k = kept_s[0], len(kept_s)
             for nm in ("virial", "batch_loss", "dist2"):
-                stats[nm][:, s0 : s0 + k] = to_np(kept[nm])
+                stats[nm][:, s0 : s0 + k] = ws[nm].T.cpu().numpy()
+            if kept_j:
+                stats["loss"][:, kept_j[0] : kept_j[0] + len(kept_j)] = ws["loss"].T.cpu().numpy()
+                kept_j.clear()
             for nm, xs in kept_def.items():
                 stats[nm][:, s0 : s0 + k] = to_np(xs)
                 xs.clear()
@@ -995,7 +1083,7 @@ def run_sgmcmc(
                     j0 = items[0][0]
                     stats[name][:, j0 : j0 + len(items)] = to_np([v for _, v in items])
                     items.clear()
-            if kept["w"]:
+            if keep_draws:
                 wn = torch.stack(kept["w"]).detach().cpu().numpy()  # [K, C, d]
                 if draws_buf is not None:
                     draws_buf[:, s0 : s0 + k] = wn.transpose(1, 0, 2)
@@ -1020,29 +1108,26 @@ def run_sgmcmc(
             keep = t >= warmup and (t - warmup) % thin == 0
             s = (t - warmup) // thin if keep else -1
             w_t = state.w
-            state, info = advance(gens, state, None, keep)
+            state, info = advance(gens, state, None, False)
             win_t.append(t)
             win_u.append(info.potential)
             if keep:
                 kept_t.append(t)
                 kept_s.append(s)
-                kept["virial"].append(info.virial)
                 kept["batch_loss"].append(info.loss)
-                diff = w_t - center
-                kept["dist2"].append((diff * diff).sum(-1))
-                if keep_draws:
-                    kept["w"].append(w_t)
+                kept["w"].append(w_t)
+                kept["grad"].append(info.grad)
                 if s % loss_every == 0:
                     j = s // loss_every
-                    if loss == "full":
-                        lw = post.evaluate(w_t, grad=False)["loss"]
-                    elif loss == "gradient":
-                        lw = info.loss - nll_center[info.index].mean(1) + post.loss_center
+                    if loss == "gradient":
+                        kept["index"].append(info.index)
+                        kept_j.append(j)
+                    elif loss == "full":
+                        kept_loss.append((j, post.evaluate(w_t, grad=False)["loss"]))
                     else:
                         XB, YB, idx = kernel.draw_batch(gens, loss_batch_size)
                         lw = measure_loss(w_t, XB, YB) - nll_center[idx].mean(1)
-                        lw = lw + post.loss_center
-                    kept_loss.append((j, lw))
+                        kept_loss.append((j, lw + post.loss_center))
                 if n_full and s % int(full_loss_every) == 0:
                     lf = post.evaluate(w_t, grad=False)["loss"]
                     kept_full.append((s // int(full_loss_every), lf))
