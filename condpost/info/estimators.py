@@ -264,14 +264,28 @@ def _logdet_bias(p: int, n: int) -> float:
     return float(np.sum(digamma((n - i) / 2.0)) - p * math.log((n - 1) / 2.0))
 
 
+def _whitener(c: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+    """``W`` with ``Wᵀ c W = I_r`` on the range of ``c`` (r = numerical rank).
+
+    Redundant columns (exact linear — after the copula step, monotone — functions of the
+    others) add no information, so dropping the null directions leaves the MI unchanged.
+    """
+    w, V = np.linalg.eigh(np.atleast_2d(c))
+    keep = w > rtol * max(float(w.max()), 1e-300)
+    return V[:, keep] / np.sqrt(w[keep])
+
+
+def _sqrt_psd(c: np.ndarray) -> np.ndarray:
+    """A square root ``L`` with ``L Lᵀ = c`` for a (possibly singular) PSD matrix."""
+    w, V = np.linalg.eigh(np.atleast_2d(c))
+    return V * np.sqrt(np.clip(w, 0.0, None))
+
+
 def _canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     dx = x.shape[1]
     c = np.corrcoef(np.concatenate([x, y], axis=1), rowvar=False)
     c = np.atleast_2d(c)
-    lx = np.linalg.cholesky(c[:dx, :dx])
-    ly = np.linalg.cholesky(c[dx:, dx:])
-    m = np.linalg.solve(lx, c[:dx, dx:])
-    m = np.linalg.solve(ly, m.T).T
+    m = _whitener(c[:dx, :dx]).T @ c[:dx, dx:] @ _whitener(c[dx:, dx:])
     rho = np.linalg.svd(m, compute_uv=False)
     return np.clip(rho, 0.0, 1.0 - 1e-15)
 
@@ -405,7 +419,7 @@ def _copula_ksg_value(x, y, k, variant, knn, n_surrogates, rng) -> tuple[float, 
     dx = u.shape[1]
     z = np.concatenate([u, v], axis=1)
     c = np.corrcoef(z, rowvar=False)
-    chol = np.linalg.cholesky(np.atleast_2d(c) + 1e-12 * np.eye(z.shape[1]))
+    chol = _sqrt_psd(c)
     sur = []
     for _ in range(int(n_surrogates)):
         g = rng.standard_normal(z.shape) @ chol.T
