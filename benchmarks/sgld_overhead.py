@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated keys")
     p.add_argument("--profile", default=None, help="cProfile one condpost run of this setting")
+    p.add_argument("--sort", default="tottime", help="cProfile sort key (with --profile)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     widths = _ints(args.widths)
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
 
     def run_cp(kw):
         thin = kw.get("thin", 1)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             post.sample(
@@ -97,10 +98,11 @@ def main(argv=None) -> None:
                 progress=False,
                 **kw,
             )
-        return (time.perf_counter() - t) / (warmup + (draws // thin) * thin)
+        steps = warmup + (draws // thin) * thin
+        return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
     def run_plain():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         plain_sgld(
             copy.deepcopy(net),
             x,
@@ -112,7 +114,7 @@ def main(argv=None) -> None:
             batch_size=args.batch,
             seed=0,
         )
-        return (time.perf_counter() - t) / args.steps
+        return (time.perf_counter() - t) / args.steps, (time.process_time() - c) / args.steps
 
     if args.profile:
         import cProfile
@@ -123,35 +125,56 @@ def main(argv=None) -> None:
         pr.enable()
         run_cp(SETTINGS[args.profile])
         pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+        pstats.Stats(pr).sort_stats(args.sort).print_stats(30)
         return
 
     keys = [k.strip() for k in args.settings.split(",") if k.strip()]
     run_plain()  # warm up both (lazy initialisations, allocator)
     for k in keys:
         run_cp(SETTINGS[k])
-    times: dict[str, list[float]] = {"plain": [], **{k: [] for k in keys}}
-    ratios: dict[str, list[float]] = {k: [] for k in keys}
+    # [wall, cpu] per step; ratios of each condpost run to the plain run just before it
+    times: dict[str, list] = {"plain": [], **{k: [] for k in keys}}
+    ratios: dict[str, list] = {k: [] for k in keys}
     for _ in range(args.repeats):
         for k in keys:
             tp = run_plain()
             tc = run_cp(SETTINGS[k])
             times["plain"].append(tp)
             times[k].append(tc)
-            ratios[k].append(tc / tp)
+            ratios[k].append((tc[0] / tp[0], tc[1] / tp[1]))
+
+    def med(xs, i):
+        return statistics.median(x[i] for x in xs)
+
     print(
         f"DLN {widths}, n = {args.n}, batch {args.batch}, 1 chain, {args.steps} steps per run, "
-        f"{args.threads} thread(s), {args.repeats} interleaved repeats (plain run before each)"
+        f"{args.threads} thread(s), {args.repeats} interleaved repeats (a plain run before each "
+        f"condpost run); medians. 'cpu' is the process CPU time (time.process_time), which a "
+        f"loaded machine disturbs less than the wall clock."
     )
-    print(f"{'sampler':<36} {'µs/step (median)':>17} {'ratio to plain (median of pairs)':>34}")
-    print(f"{'plain loop':<36} {1e6 * statistics.median(times['plain']):>17.1f} {'1.00':>34}")
+    hdr = ["sampler", "wall µs/step", "cpu µs/step", "wall ratio", "cpu ratio"]
+    rows = [
+        [
+            "plain loop (benchmarks/_dln.py)",
+            *(f"{1e6 * med(times['plain'], i):.1f}" for i in (0, 1)),
+            "1.00×",
+            "1.00×",
+        ]
+    ]
     for k in keys:
-        r = statistics.median(ratios[k])
-        print(
-            f"{'condpost sgld, loss=' + k:<36} {1e6 * statistics.median(times[k]):>17.1f} "
-            f"{r:>33.2f}×"
+        rows.append(
+            [
+                f"condpost sgld, loss={k}",
+                *(f"{1e6 * med(times[k], i):.1f}" for i in (0, 1)),
+                *(f"{med(ratios[k], i):.2f}×" for i in (0, 1)),
+            ]
         )
-    print("target: ≤ 1.15× at equal work (loss='gradient')")
+    w = [max(len(str(r[j])) for r in [hdr, *rows]) for j in range(len(hdr))]
+    for r in [hdr, *rows]:
+        print(
+            "  ".join(str(v).ljust(w[j]) if j == 0 else str(v).rjust(w[j]) for j, v in enumerate(r))
+        )
+    print("target: ≤ 1.15× the plain loop at equal work (loss='gradient')")
 
 
 if __name__ == "__main__":

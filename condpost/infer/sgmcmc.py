@@ -345,11 +345,15 @@ def _potential_fns(
 
     def with_grad(fn, W, XB, YB, potential=True):
         if W.shape[0] == 1:  # one chain: differentiate w.r.t. the unbatched vector
-            w = W[0].detach().requires_grad_(True)
+            w = W.detach().view(-1).requires_grad_(True)
             with torch.enable_grad():
                 u, loss = obj(w, XB[0], YB[0])
                 (g,) = torch.autograd.grad(u, w)
-            g, u, loss = g.unsqueeze(0), u.unsqueeze(0), loss.unsqueeze(0)
+            diff = w.detach() - anchor
+            g = g.add(diff, alpha=gam).view(1, -1) if gam else g.view(1, -1)
+            if potential:
+                u = torch.add(u.detach(), diff.dot(diff), alpha=0.5 * gam).view(1)
+            return g, (u if potential else None), loss.detach().view(1)
         else:
             w = W.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -473,13 +477,16 @@ def _batch_drawer(post: LocalPosterior, batch_size: int):
 
     def draw(gens, m: int | None = None):
         m = batch_size if m is None else int(m)
+        C = len(gens)
         if m >= n:
-            idx = torch.arange(n, device=dev).expand(len(gens), n)
-        elif len(gens) == 1:
+            idx = torch.arange(n, device=dev).expand(C, n)
+        elif C == 1:
             idx = torch.randint(n, (1, m), generator=gens[0], device=dev)
         else:
             idx = torch.stack([torch.randint(n, (m,), generator=g, device=dev) for g in gens])
-        return X[idx], Y[idx], idx
+        flat = idx.reshape(-1)
+        XB = X.index_select(0, flat).view(C, -1, *X.shape[1:])
+        return XB, Y.index_select(0, flat).view(C, -1, *Y.shape[1:]), idx
 
     return draw
 
