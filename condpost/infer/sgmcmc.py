@@ -35,6 +35,18 @@ as the NUTS driver), whose state is part of the sampler state: the same seed giv
 same draws, chain ``c`` does not depend on how many chains run beside it or whether they
 are vectorized, and a run resumed from a checkpoint continues exactly.
 
+Per-step cost. The driver adds little to the update itself (``benchmarks/sgld_overhead.py``
+compares one chain with a hand-written PyTorch SGLD loop): the network runs with the
+chain's weights put straight into its parameter slots (``_fast_forward``; no
+``functional_call`` bookkeeping per call), the minibatch-mean NLL of the built-in
+likelihoods is fused (``_mean_nll``), the localizer's gradient ``γ(w − w*)`` is added in
+closed form, one chain is differentiated without ``vmap``, the ``w*`` half of the paired
+loss estimators is gathered from the per-sample ``ℓ_i(w*)`` computed once, the random
+streams stay live generators between checkpoints, and the per-draw statistics and the
+divergence checks are computed per window of draws (one host transfer per window, no
+synchronisation per step). The draws and statistics are those of the plain step-by-step
+computation (same random streams; equal up to floating-point rounding).
+
 The kernels follow the infer contract of DESIGN.md: ``kernel.init(chains, seed) ->
 state`` and ``kernel.step(rng_key, state, batch=None) -> (state, info)`` with immutable
 ``NamedTuple`` state; ``run_sgmcmc`` (behind ``LocalPosterior.sample``) drives them.
@@ -1008,8 +1020,10 @@ def run_sgmcmc(
     kept_s: list[int] = []  # their draw indices
     # kept draws' weights and gradients (references, no copies), batch losses and, for
     # loss="gradient", batch indices: their statistics are computed per window at once
-    kept: dict[str, list] = {"batch_loss": [], "w": [], "grad": [], "index": []}
-    kept_j: list[int] = []  # loss="gradient": loss slots of the kept draws that have one
+    kept: dict[str, list] = {"batch_loss": [], "w": [], "grad": [], "index": [], "batch_w": []}
+    # loss="gradient"/"independent": loss slots of the measured draws, with L_B(w) and the
+    # batch indices in kept["batch_w"] and kept["index"] (L_B(w*) is gathered per window)
+    kept_j: list[int] = []
     kept_loss: list[tuple[int, torch.Tensor]] = []
     kept_full: list[tuple[int, torch.Tensor]] = []
     kept_def: dict[str, list[torch.Tensor]] = {nm: [] for nm in defect_names}
@@ -1028,9 +1042,8 @@ def run_sgmcmc(
             "virial": (diff * torch.stack(kept["grad"])).sum(-1),
             "batch_loss": torch.stack(kept["batch_loss"]),
         }
-        if kept_j:  # paired estimator on the gradient batch: L_n(w*) + L_B(w) − L_B(w*)
-            rows = [i for i, s_ in enumerate(kept_s) if s_ % loss_every == 0]
-            lb = out["batch_loss"][rows]
+        if kept_j:  # paired estimator L_n(w*) + L_B(w) − L_B(w*) on each measured batch
+            lb = torch.stack(kept["batch_w"])
             lc = nll_center[torch.stack(kept["index"])].mean(-1)
             out["loss"] = lb - lc + post.loss_center
         return out
@@ -1127,14 +1140,16 @@ def run_sgmcmc(
                 if s % loss_every == 0:
                     j = s // loss_every
                     if loss == "gradient":
+                        kept["batch_w"].append(info.loss)
                         kept["index"].append(info.index)
                         kept_j.append(j)
                     elif loss == "full":
                         kept_loss.append((j, post.evaluate(w_t, grad=False)["loss"]))
                     else:
                         XB, YB, idx = kernel.draw_batch(gens, loss_batch_size)
-                        lw = measure_loss(w_t, XB, YB) - nll_center[idx].mean(1)
-                        kept_loss.append((j, lw + post.loss_center))
+                        kept["batch_w"].append(measure_loss(w_t, XB, YB))
+                        kept["index"].append(idx)
+                        kept_j.append(j)
                 if n_full and s % int(full_loss_every) == 0:
                     lf = post.evaluate(w_t, grad=False)["loss"]
                     kept_full.append((s // int(full_loss_every), lf))
