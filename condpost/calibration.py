@@ -79,6 +79,28 @@ def _feature_draws(post: LocalPosterior, bound, W: torch.Tensor, chunk: int = 25
     return torch.cat(out)
 
 
+def _local_rank(post: LocalPosterior, bound, max_entries: float = 2e7) -> int | None:
+    """Numerical rank of the feature's Jacobian ``∂f_c/∂w`` at ``w*`` (None if too large)."""
+    k, d = int(bound.k), int(post.d)
+    if k * d > max_entries:
+        return None
+    from torch.func import jacrev
+
+    def f(w):
+        return bound.feature(post.view(w)).reshape(-1)
+
+    w0 = post.center.detach().clone()
+    try:
+        J = jacrev(f)(w0)
+    except Exception:  # noqa: BLE001 - features torch.func cannot trace: use autograd
+        J = torch.autograd.functional.jacobian(f, w0)
+    s = torch.linalg.svdvals(J.detach().to(torch.float64).reshape(k, d))
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = s[0] * max(k, d) * torch.finfo(J.dtype).eps * 10
+    return int((s > tol).sum())
+
+
 def calibrate(
     post: LocalPosterior,
     target_binding: float = 0.5,
@@ -103,7 +125,10 @@ def calibrate(
     transfers across nβ). ``V_c`` is the pilot's sample covariance (its spectrum from
     the draws' Gram matrix when there are fewer draws than feature dimensions, so at
     most ``S − 1`` directions count as free: a longer pilot is needed for high
-    targets). Only Gaussian-family constraints (two-sided defects, CKA)
+    targets). Only the top ``rank(∂f_c/∂w at w*)`` eigenvalues are kept: the other
+    directions of the feature cannot move to first order, so the constraint cannot pin
+    them and the reachable binding is ``rank/k`` (a target above it is an error that says
+    so). Only Gaussian-family constraints (two-sided defects, CKA)
     are calibrated; others are kept as declared, with a warning.
 
     The spectrum rule is exact for linear-Gaussian features; for a nonlinear network the
@@ -180,6 +205,7 @@ def calibrate(
             new_specs.append(spec)
             continue
         F = _feature_draws(post, bound, W).to(torch.float64)
+        rank = _local_rank(post, bound)
         if bound.family == "cka":  # scalar feature: D itself, its spread is E[D]
             with torch.no_grad():
                 Dv = torch.stack([bound.defect(post.view(w)) for w in W[:: max(1, len(W) // 400)]])
@@ -195,7 +221,27 @@ def calibrate(
                 lam = torch.linalg.eigvalsh(Fc @ Fc.T / (S - 1)).numpy()
                 v = np.concatenate([lam, np.zeros(k - S)])
                 method = "eigen-gram"
-        sigma2 = solve_tolerance(v, target_binding)
+            if rank is not None and rank < k:
+                # locally only rank(J_f) directions of the feature can move; the pilot's
+                # other eigenvalues come from curvature (nonlinear spread), and the
+                # constraint cannot pin them below that: drop them so the reachable
+                # binding is rank/k, as it is for the sampled posterior
+                v = np.sort(v)[::-1].copy()
+                v[rank:] = 0.0
+                method += f"-rank{rank}"
+        try:
+            sigma2 = solve_tolerance(v, target_binding)
+        except ValueError as e:
+            raise ValueError(
+                f"calibrate: constraint {bound.name!r}: {e}"
+                + (
+                    f" The feature has k={k} entries but its Jacobian at w* has rank {rank}"
+                    f" (only {rank} independent directions of the lifted weights move it),"
+                    f" so no tolerance makes it bind above {rank / k:.3f}."
+                    if rank is not None and rank < k
+                    else ""
+                )
+            ) from None
         k = bound.k
         alpha = k / (2.0 * sigma2 * post.nbeta)
         new = copy.copy(spec)
@@ -209,6 +255,7 @@ def calibrate(
             "method": method,
             "trace_V": float(np.sum(v)),
             "k": k,
+            "jacobian_rank": rank,
             "_spectrum": v,
         }
     out = post._replace(constraints=new_specs)

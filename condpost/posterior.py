@@ -434,7 +434,7 @@ class LocalPosterior:
         warmup: int = 1000,
         draws: int = 1000,
         seed: int = 0,
-        backend: str = "pyro",
+        backend: str | None = None,
         progress: bool = True,
         **kwargs,
     ):
@@ -455,7 +455,9 @@ class LocalPosterior:
             Kept draws per chain (default 1000).
         seed : int
             Seed; each chain gets an independent stream derived from it.
-        backend : {"pyro", "numpyro"}
+        backend : {"pyro", "numpyro", "jax", "torch"}, optional
+            Default per method: ``"pyro"`` for NUTS/HMC, ``"jax"`` for ChEES, ``"torch"``
+            for SG-MCMC.
             Executor for NUTS/HMC: Pyro on torch, or NumPyro on the potential exported to
             JAX (``condpost.export``; needs ``pip install condpost[jax]``). SG-MCMC methods
             run on torch.
@@ -469,6 +471,8 @@ class LocalPosterior:
             faster for small networks on CPU; default: leave torch's setting alone).
         """
         method = method.lower()
+        if backend is None:
+            backend = {"chees": "jax"}.get(method, "torch" if method in SGMCMC_METHODS else "pyro")
         for arg, v, lo in (("chains", chains, 1), ("draws", draws, 1), ("warmup", warmup, 0)):
             if int(v) != v or v < lo:
                 raise ValueError(f"{arg} must be an integer ≥ {lo}; got {v!r}")

@@ -325,6 +325,34 @@ def test_calibrate_refine_corrects_a_misestimated_spectrum():
     assert info["sigma"] == pytest.approx(exact_sigma, rel=0.15), (info, exact_sigma)
 
 
+def test_calibrate_knows_the_reachable_binding_from_the_jacobian_rank():
+    """Activations of 4 probes in 3 input dims: k = 8 entries but rank(J) = 6, so at most
+    6/8 of the feature can be pinned; a higher target is refused and says why, a reachable
+    one gives the exact σ (spectrum of the exact V_c = C Σ Cᵀ, which has rank 6)."""
+    from condpost.calibration import solve_tolerance
+
+    prob = make_problem(seed=2)
+    probes = torch.randn(
+        4, prob.din, generator=torch.Generator().manual_seed(9), dtype=torch.float64
+    )
+    post, C = _lg_with_activation(prob, 1.0, probes)
+    mu0, S0 = make_problem(seed=2).posterior()
+    Wp = np.random.default_rng(1).multivariate_normal(mu0, S0, size=(2, 2000))
+    pilot = cp.ReferenceClass.from_draws(
+        post._replace(constraints=[]), torch.as_tensor(Wp), settings={"method": "exact"}
+    )
+    with pytest.raises(ValueError, match=r"rank 6.*0\.750"):
+        cp.calibrate(post, target_binding=0.8, pilot=pilot)
+    v = np.clip(np.linalg.eigvalsh(C @ S0 @ C.T), 0, None)
+    v[np.argsort(v)[:2]] = 0.0  # the exact V_c has rank 6; round-off only above
+    exact_sigma = math.sqrt(solve_tolerance(v, 0.7))
+    cal = cp.calibrate(post, target_binding=0.7, pilot=pilot)
+    info = cal.calibration[post.constraints[0].name]
+    assert info["jacobian_rank"] == 6 and info["k"] == 8
+    # 4000 iid pilot draws: eigenvalues within a few % (SE ≈ √(2/4000) ≈ 2.2% each)
+    assert info["sigma"] == pytest.approx(exact_sigma, rel=0.1)
+
+
 def test_preservation_reports_exact_statistics_and_paired_run():
     x, y = _data(60)
     net = _mlp(torch.nn.ReLU)
