@@ -1169,14 +1169,14 @@ def run_sgmcmc(
                     callback(state._replace(rng=streams.dump(chains)), s)
             elif len(win_u) >= max_window:
                 flush()
-            if progress and (t % 20 == 0 or t == total_steps - 1):
-                last_loss = float(info.loss.mean())
-                bar.set_postfix(
-                    draws=f"{max(s + 1, 0) if keep else max((t - warmup) // thin + 1, 0)}/{draws}",
-                    loss=f"{last_loss:.5g}",
-                    refresh=False,
-                )
-            bar.update(1)
+            if progress:
+                if t % 20 == 0 or t == total_steps - 1:
+                    last_loss = float(info.loss.mean())
+                    done_s = max(s + 1, 0) if keep else max((t - warmup) // thin + 1, 0)
+                    bar.set_postfix(
+                        draws=f"{done_s}/{draws}", loss=f"{last_loss:.5g}", refresh=False
+                    )
+                bar.update(1)
         flush()
     finally:
         bar.close()
