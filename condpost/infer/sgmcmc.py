@@ -1043,7 +1043,10 @@ def run_sgmcmc(
             "batch_loss": torch.stack(kept["batch_loss"]),
         }
         if kept_j:  # paired estimator L_n(w*) + L_B(w) − L_B(w*) on each measured batch
-            lb = torch.stack(kept["batch_w"])
+            if loss == "gradient" and loss_every == 1:
+                lb = out["batch_loss"]  # the same tensors as kept["batch_w"]
+            else:
+                lb = torch.stack(kept["batch_w"])
             lc = nll_center[torch.stack(kept["index"])].mean(-1)
             out["loss"] = lb - lc + post.loss_center
         return out
