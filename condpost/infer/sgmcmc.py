@@ -243,7 +243,7 @@ def _fast_forward(post: LocalPosterior) -> Callable:
         vals = dict(frozen)
         lead = w.shape[:-1]
         # one split (its backward is one concatenation) rather than a slice per parameter
-        for (n, _, _, shp), piece in zip(parts, w.split(numels, -1), strict=True):
+        for (n, _, _, shp), piece in zip(parts, w.split_with_sizes(numels, -1), strict=True):
             vals[n] = piece.view(*lead, *shp)
         old = []
         try:
