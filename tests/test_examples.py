@@ -55,3 +55,17 @@ def test_circuit_preservation_example_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "shrinkage" in r.stdout and "achieved binding" in r.stdout
     assert out.stat().st_size > 1000
+
+
+def test_information_flow_example_quick(tmp_path):
+    out = tmp_path / "flow.png"
+    r = subprocess.run(
+        [sys.executable, "examples/information_flow.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "d[input]/d log nβ" in r.stdout
+    assert out.stat().st_size > 1000
