@@ -503,3 +503,28 @@ def test_dln_llc_matches_nuts_at_same_nbeta_gamma(point, method, step):
     )
     tol = max(0.03 * target.mean, 4 * math.hypot(se, se_t))
     assert abs(lam.mean - target.mean) <= tol, (lam.mean, target.mean, tol)
+
+
+def test_compiled_gradient_equals_eager_for_the_same_seed():
+    """Issue 7: ``compile=True`` (torch.compile of the vectorized gradient) gives the same
+    draws as eager for the same seed, up to float round-off (float64, 40 steps: the
+    trajectories may differ by reassociation only, ~1e-12 relative)."""
+    _, post = _post(gamma=1.0)
+    kw = dict(
+        chains=3,
+        warmup=10,
+        draws=30,
+        step_size=2e-4,
+        batch_size=100,
+        seed=5,
+        progress=False,
+        loss="gradient",
+    )
+    eager = post.sample("sgld", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit internals
+        warnings.simplefilter("error", cp.CondpostWarning)  # a fallback to eager: vacuous
+        comp = post.sample("sgld", compile=True, **kw)
+    assert comp.settings["compile"] is True
+    np.testing.assert_allclose(comp.flat(), eager.flat(), rtol=1e-9, atol=1e-11)
+    assert not np.array_equal(eager.flat()[:, 0], eager.flat()[:, -1])  # the chains moved
