@@ -38,8 +38,10 @@ def choose_backend(n: int, dim: int, device: str | torch.device | None = None) -
 def _block_size(n: int, device: torch.device, block: int | None) -> int:
     if block is not None:
         return max(1, int(block))
-    # about 3 float32 [block, n] matrices alive at once: ~96 MB on CPU, ~1.5 GB on GPU
-    budget = 8_000_000 if device.type == "cpu" else 128_000_000
+    # on CPU, blocks of ~1.3M entries (5 MB per float32 [block, n] matrix) stay in cache:
+    # 256-row blocks at N = 5,000 ran 2.1× faster than 1,600-row ones (0.076 s vs 0.16 s
+    # for 25+25 dims, 2 threads); on GPU, ~1.5 GB for the ~3 matrices alive at once
+    budget = 1_280_000 if device.type == "cpu" else 128_000_000
     return int(max(64, min(n, budget // max(n, 1))))
 
 
