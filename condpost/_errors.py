@@ -118,3 +118,16 @@ def check_finite(t: torch.Tensor, argname: str) -> None:
                 f"the first at index {idx}. Clean or drop those entries before building "
                 f"the posterior."
             )
+
+
+def check_options(options: dict, known, where: str) -> None:
+    """Raise ``TypeError`` for unknown keyword options, naming the nearest valid ones."""
+    if options:
+        bad = sorted(options)
+        hints = {k: nearest(k, known, n=1) for k in bad}
+        hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" for k, h in hints.items() if h)
+        raise TypeError(
+            f"unknown option(s) {bad} for {where}. "
+            + (f"{hint}. " if hint else "")
+            + f"Valid options: {sorted(known)}"
+        )

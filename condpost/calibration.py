@@ -204,14 +204,15 @@ def calibrate(
             )
             new_specs.append(spec)
             continue
-        F = _feature_draws(post, bound, W).to(torch.float64)
-        rank = _local_rank(post, bound)
+        rank = k = None
         if bound.family == "cka":  # scalar feature: D itself, its spread is E[D]
             with torch.no_grad():
                 Dv = torch.stack([bound.defect(post.view(w)) for w in W[:: max(1, len(W) // 400)]])
             v = np.array([float(Dv.mean())])
             method = "cka-mean-defect"
         else:
+            F = _feature_draws(post, bound, W).to(torch.float64)
+            rank = _local_rank(post, bound)
             Fc = F - F.mean(0, keepdim=True)
             S, k = Fc.shape
             if S > k:

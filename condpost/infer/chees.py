@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import SamplerWarning, nearest, warn
+from .._errors import SamplerWarning, check_options, warn
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
@@ -873,13 +873,7 @@ def run_chees(
     """
     from ..reference import ReferenceClass
 
-    if unknown:
-        bad = sorted(unknown)
-        hints = [f"{k!r} (did you mean {nearest(k, _OPTIONS, n=1)[0]!r}?)" for k in bad]
-        raise TypeError(
-            f"unknown option(s) {bad} for method='chees': {'; '.join(hints)}. "
-            f"Valid options: {sorted(_OPTIONS)}"
-        )
+    check_options(unknown, _OPTIONS, "method='chees'")
     chains = _check_int("chains", chains, 2)
     warmup = _check_int("warmup", warmup, 0)
     draws = _check_int("draws", draws, 1)

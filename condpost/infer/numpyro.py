@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import SamplerWarning, nearest, warn
+from .._errors import SamplerWarning, check_options, warn
 from .nuts import chain_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,15 +81,7 @@ def _import_jax():
 
 
 def _unknown(kwargs: dict, known) -> None:
-    if kwargs:
-        bad = sorted(kwargs)
-        hints = {k: nearest(k, known, n=1) for k in bad}
-        hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" for k, h in hints.items() if h)
-        raise TypeError(
-            f"unknown option(s) {bad} for backend='numpyro'. "
-            + (f"{hint}. " if hint else "")
-            + f"Valid options: {sorted(known)}"
-        )
+    check_options(kwargs, known, "backend='numpyro'")
 
 
 def _use_x64(post, x64) -> bool:
@@ -559,7 +551,7 @@ def run_numpyro_svi(
     condpost.infer.svi.SVIResult
         ``.mean``, ``.covariance()``, ``.sample(n, seed=...)`` → ``ReferenceClass``.
     """
-    from .svi import SVIResult
+    from .svi import SVIResult, check_svi_args
 
     _unknown(
         unknown,
@@ -578,22 +570,7 @@ def run_numpyro_svi(
             "block_size",
         ),
     )
-    if guide not in ("normal", "lowrank", "mvn"):
-        raise ValueError(
-            f"guide={guide!r} is not available; choose one of ['lowrank', 'mvn', 'normal']"
-        )
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive; got {lr!r}")
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay must lie in (0, 1]; got {lr_decay!r}")
-    if int(num_particles) != num_particles or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer; got {num_particles!r}")
-    if not 0 <= average < 1:
-        raise ValueError(
-            f"average (fraction of final steps to average) must be in [0, 1); got {average}"
-        )
+    check_svi_args(guide, steps, lr, lr_decay, num_particles, average)
     jax = _import_jax()
     import jax.numpy as jnp
     from jax import lax

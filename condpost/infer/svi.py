@@ -131,6 +131,24 @@ def _batched_potential(post):
     return f
 
 
+def check_svi_args(guide, steps, lr, lr_decay, num_particles, average) -> None:
+    """Validate the SVI options shared by the Pyro and NumPyro backends."""
+    if guide not in _GUIDES:
+        raise ValueError(f"guide={guide!r} is not available; choose one of {sorted(_GUIDES)}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive; got {lr!r}")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay must lie in (0, 1]; got {lr_decay!r}")
+    if int(num_particles) != num_particles or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer; got {num_particles!r}")
+    if not 0 <= average < 1:
+        raise ValueError(
+            f"average (fraction of final steps to average) must be in [0, 1); got {average}"
+        )
+
+
 def run_svi(
     post: LocalPosterior,
     *,
@@ -145,16 +163,7 @@ def run_svi(
     average: float = 0.25,
     progress: bool = True,
 ) -> SVIResult:
-    if guide not in _GUIDES:
-        raise ValueError(f"guide={guide!r} is not available; choose one of {sorted(_GUIDES)}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive; got {lr!r}")
-    if not 0 <= average < 1:
-        raise ValueError(
-            f"average (fraction of final steps to average) must be in [0, 1); got {average}"
-        )
+    check_svi_args(guide, steps, lr, lr_decay, num_particles, average)
     center = post.center
     sd = post.localization**-0.5
 

@@ -220,43 +220,6 @@ def _precision_settings(ref: ReferenceClass) -> dict:
 
 
 # ---------------------------------------------------------------------- labelled estimators
-def ross_mi(labels: np.ndarray, y: np.ndarray, k: int = 3) -> float:
-    """k-NN MI between a discrete ``labels`` and a continuous ``y`` (Ross 2014).
-
-    ``Î = ψ(N) − ⟨ψ(N_ℓ)⟩ + ψ(k) − ⟨ψ(m_i)⟩`` where, for point ``i`` with label ``ℓ``,
-    ``N_ℓ`` is the size of its class, ``d_i`` the distance to its ``k``-th neighbour
-    within the class and ``m_i`` the number of points of any class within ``d_i``
-    (itself excluded). B. C. Ross, *Mutual Information between Discrete and Continuous
-    Data Sets*, PLoS ONE 9 (2014) e87357. Euclidean distances on ``y`` as given.
-    """
-    from scipy.spatial import cKDTree
-    from scipy.special import digamma
-
-    labels = np.asarray(labels).reshape(-1)
-    y = np.asarray(y, dtype=np.float64).reshape(len(labels), -1)
-    n = len(labels)
-    classes, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    if counts.min() <= k:
-        raise ValueError(
-            f"the k-NN (Ross) estimator needs more than k={k} points per label; the smallest "
-            f"label has {counts.min()}. Use more pairs/draws or a smaller k."
-        )
-    radius = np.empty(n)
-    for c in range(len(classes)):
-        idx = np.flatnonzero(inv == c)
-        dist, _ = cKDTree(y[idx]).query(y[idx], k=k + 1)
-        radius[idx] = dist[:, -1]
-    tree = cKDTree(y)
-    # points within the k-th neighbour distance, itself excluded, so m_i ≥ k. The radius
-    # is widened by a relative 1e-9: the k-th neighbour lies exactly on the sphere and
-    # the tree's squared-distance test drops it in about a quarter of cases in 2-D.
-    r = radius * (1 + 1e-9) + np.finfo(np.float64).tiny
-    m = np.asarray(tree.query_ball_point(y, r=r, return_length=True)) - 1
-    m = np.maximum(m, k)
-    val = digamma(n) - np.mean(digamma(counts[inv])) + digamma(k) - np.mean(digamma(m))
-    return float(val)
-
-
 def _labelled_mi(labels, y, estimator, seed, opts) -> tuple[float, str, dict]:
     """MI between labels (discrete) and continuous y; returns (value, name, settings)."""
     if estimator not in _LABELLED_ESTIMATORS:
@@ -270,8 +233,17 @@ def _labelled_mi(labels, y, estimator, seed, opts) -> tuple[float, str, dict]:
     sd = y.std(0)
     y = (y - y.mean(0)) / np.where(sd > 0, sd, 1.0)
     if estimator in ("auto", "ross"):
+        # Ross (2014) discrete × continuous k-NN: the array estimator's "mixed" counts
+        from .estimators import _mixed_value
+
         k = int(opts.get("k", 3))
-        return ross_mi(labels, y, k=k), "ross", {"k": k}
+        _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        if counts.min() <= k:
+            raise ValueError(
+                f"the k-NN (Ross) estimator needs more than k={k} points per label; the "
+                f"smallest label has {counts.min()}. Use more pairs/draws or a smaller k."
+            )
+        return _mixed_value(codes.reshape(-1), y, k, {"backend": "auto"}), "ross", {"k": k}
     from .estimators import gaussian_mixture_mi
 
     classes, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
