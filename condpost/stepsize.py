@@ -6,7 +6,9 @@
 * **plateau** — the loss trace must rise from ``L_n(w*)`` and flatten. We fit a line to
   the chain-averaged ``nβ·(L_B(w) − L_B(w*))`` over the last half of the run; ``drift`` is
   the fitted change across that half (in λ̂ units), and the trace is on a plateau when
-  ``|drift|`` is below ``max(0.1·|λ̂|, 4·se)``. Too small a step size never reaches the
+  ``|drift|`` is below ``max(0.1·|λ̂|, 3·se(drift))``, with ``se(drift) = √12·se(mean)``
+  (a least-squares line's end-to-end change over a stationary trace) and ``se(mean)``
+  from the effective sample size of the detrended traces. Too small a step size never reaches the
   plateau within the run (λ̂ still rising).
 * **virial** — ``E[(w − w*)·∇U(w)]/d`` over the last half, which equals 1 for exact
   draws from ``e^{−U}`` (THEORY §5.2). Too large a step size inflates the spread, so the
@@ -258,10 +260,24 @@ def _row(eps, tr, vir, acc, status, steps, virial_tol, target_accept, method) ->
     # standard error from chains' batch means (4 batches per chain) — short runs, rough
     bm = last.reshape(C, 4, -1).mean(-1) if last.shape[1] >= 4 else last
     llc_se = float(bm.std(ddof=1) / math.sqrt(bm.size)) if bm.size > 1 else float("nan")
-    x = np.arange(last.shape[1])
-    slope = np.polyfit(x, last.mean(0), 1)[0]
-    drift = float(slope * last.shape[1])
-    plateau = abs(drift) <= max(0.1 * abs(llc), 4 * llc_se)
+    N = last.shape[1]
+    x = np.arange(N)
+    slope, icpt = np.polyfit(x, last.mean(0), 1)
+    drift = float(slope * N)
+    # The fitted change across a window of N steps has variance 12·Var(mean) for a
+    # stationary trace (OLS slope variance σ²/Σ(x − x̄)² = 12σ²/N³, times N²); Var(mean)
+    # from the ESS of the detrended traces, which accounts for their autocorrelation.
+    resid = last - (slope * x + icpt)
+    if N >= 8:
+        from .diagnostics import ess_basic
+
+        ess = float(ess_basic(resid))
+        sd = float(resid.std(ddof=1))
+        se_mean = sd / math.sqrt(max(ess, 1.0)) if math.isfinite(ess) else llc_se
+    else:
+        se_mean = llc_se
+    drift_se = math.sqrt(12.0) * se_mean
+    plateau = abs(drift) <= max(0.1 * abs(llc), 3 * drift_se)
     v = vir[:, half:]
     vbm = v.reshape(C, 4, -1).mean(-1) if v.shape[1] >= 4 else v
     virial = float(v.mean())

@@ -91,6 +91,23 @@ def test_independent_batch_loss_is_unbiased_against_full_data():
     assert a.mean - b.mean == pytest.approx(diff.mean(), abs=1e-9)
 
 
+def test_loss_measurement_never_moves_the_chains():
+    """The loss batches have random streams of their own: every loss mode gives the same
+    draws, and the independent batches are not the gradient batches."""
+    _, post = _post()
+    kw = dict(chains=3, warmup=10, draws=40, step_size=2e-4, batch_size=30, seed=7, progress=False)
+    ind = post.sample("sgld", loss="independent", **kw)
+    grad = post.sample("sgld", loss="gradient", **kw)
+    full = post.sample("sgld", loss="full", **kw)
+    np.testing.assert_array_equal(ind.flat(), grad.flat())
+    np.testing.assert_array_equal(ind.flat(), full.flat())
+    # a different batch at the same draw: the two paired estimates differ draw by draw
+    assert np.mean(ind.loss() != grad.loss()) > 0.9
+    # and a loss evaluated window by window equals one evaluated draw by draw
+    one = post.sample("sgld", loss="independent", callback=lambda s, i: None, **kw)
+    np.testing.assert_allclose(one.loss(), ind.loss(), rtol=1e-12, atol=0)
+
+
 def test_sghmc_with_unit_friction_is_sgld():
     """SGHMC with α = 1 and η = ε/2 is exactly SGLD with step ε (Chen et al. 2014, eq. 15)."""
     _, post = _post()

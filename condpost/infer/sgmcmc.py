@@ -41,7 +41,9 @@ chain's weights put straight into its parameter slots (``_fast_forward``; no
 ``functional_call`` bookkeeping per call), the minibatch-mean NLL of the built-in
 likelihoods is fused (``_mean_nll``), the localizer's gradient ``γ(w − w*)`` is added in
 closed form, one chain is differentiated without ``vmap``, the ``w*`` half of the paired
-loss estimators is gathered from the per-sample ``ℓ_i(w*)`` computed once, the random
+loss estimators is gathered from the per-sample ``ℓ_i(w*)`` computed once, the draws'
+independent-batch losses are evaluated per window in grouped vmapped forward passes, the
+reverse pass of an unconstrained potential is seeded with ``nβ`` directly, the random
 streams stay live generators between checkpoints, and the per-draw statistics and the
 divergence checks are computed per window of draws (one host transfer per window, no
 synchronisation per step). The draws and statistics are those of the plain step-by-step
@@ -108,6 +110,10 @@ class SGMCMCState(NamedTuple):
         Number of steps that updated ``sq_avg`` (bias correction).
     adapting : bool
         Whether the RMSProp preconditioner is still adapting.
+    batch_keys : tuple of int or None
+        Per-chain keys of the minibatch index streams (the chain seeds): the batch of
+        step ``t`` is a pure function of ``(key, t)``. None: batches are drawn from
+        ``rng`` instead.
     """
 
     w: torch.Tensor
@@ -117,6 +123,7 @@ class SGMCMCState(NamedTuple):
     sq_avg: torch.Tensor | None = None
     adapt_steps: int = 0
     adapting: bool = True
+    batch_keys: tuple | None = None
 
 
 class StepInfo(NamedTuple):
@@ -240,7 +247,7 @@ def _fast_forward(post: LocalPosterior) -> Callable:
     numels = [p[2] for p in parts]
 
     def fwd(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        vals = dict(frozen)
+        vals = dict(frozen) if frozen else {}
         lead = w.shape[:-1]
         # one split (its backward is one concatenation) rather than a slice per parameter
         for (n, _, _, shp), piece in zip(parts, w.split_with_sizes(numels, -1), strict=True):
@@ -278,6 +285,9 @@ def _mean_nll(post: LocalPosterior) -> Callable:
 
     Any other likelihood: ``likelihood.nll(output, y).mean()``. The fused form is checked
     once against the general one at ``w*`` (relative 1e-5) and dropped if it differs.
+    A fused form that passes carries ``parts(out, y) -> (raw, scale, const)`` with
+    ``L_B = scale·raw + const`` (None where it does not apply), which the one-chain
+    gradient uses to seed its reverse pass with ``nβ·scale`` directly.
     """
     from ..likelihoods import Categorical, Gaussian
 
@@ -295,13 +305,29 @@ def _mean_nll(post: LocalPosterior) -> Callable:
         def fused(out, y):
             m = out.shape[0]
             k = out.numel() // max(m, 1)
-            return (y - out).square().sum() * (half_inv_s2 / m) + k * log_norm
+            # mse_loss: one kernel forward and one backward (no separate neg/square nodes)
+            if out.shape == y.shape:
+                sq = F.mse_loss(out, y.to(out.dtype), reduction="none").sum()
+            else:  # broadcasting; the check below keeps it only if it equals the general form
+                sq = (out - y).square().sum()
+            return sq * (half_inv_s2 / m) + k * log_norm
+
+        def parts(out, y):
+            m = out.shape[0]
+            if out.shape != y.shape:
+                return None
+            sq = F.mse_loss(out, y, reduction="sum")
+            return sq, half_inv_s2 / m, (out.numel() // max(m, 1)) * log_norm
 
     elif type(lik) is Categorical and post.y.dtype == torch.long:
 
         def fused(out, y):
             flat = out.reshape(-1, out.shape[-1])
             return F.cross_entropy(flat, y.reshape(-1), reduction="sum") / out.shape[0]
+
+        def parts(out, y):
+            flat = out.reshape(-1, out.shape[-1])
+            return F.cross_entropy(flat, y.reshape(-1), reduction="sum"), 1.0 / out.shape[0], 0.0
 
     if fused is None:
         return general
@@ -310,8 +336,14 @@ def _mean_nll(post: LocalPosterior) -> Callable:
             x0, y0 = post.x[: min(8, post.n)], post.y[: min(8, post.n)]
             out = post.lifted.forward(post.center, x0)
             a, b = fused(out, y0), general(out, y0)
-        if not bool(torch.isclose(a, b, rtol=1e-5, atol=1e-6 * (1 + abs(float(b))))):
-            return general
+            close = dict(rtol=1e-5, atol=1e-6 * (1 + abs(float(b))))
+            if not bool(torch.isclose(a, b, **close)):
+                return general
+            pr = parts(
+                out, y0.to(out.dtype) if out.is_floating_point() and y0.is_floating_point() else y0
+            )
+            if pr is not None and bool(torch.isclose(pr[0] * pr[1] + pr[2], b, **close)):
+                fused.parts = parts  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
         return general
     return fused
@@ -355,16 +387,43 @@ def _potential_fns(
     batched = vmap(obj)
     mode = {"vmap": vectorize in ("auto", True), "checked": vectorize is not True}
 
+    # without constraints U_B = nβ·L_B: the reverse pass starts from L_B with the seed nβ
+    # (no product node, no unit seed tensor per step)
+    seed = torch.tensor(nb, dtype=post.dtype, device=post.device)
+    seeds: dict[tuple, list] = {}
+    parts = getattr(mean_nll, "parts", None)
+
     def with_grad(fn, W, XB, YB, potential=True):
         if W.shape[0] == 1:  # one chain: differentiate w.r.t. the unbatched vector
             w = W.detach().view(-1).requires_grad_(True)
             with torch.enable_grad():
-                u, loss = obj(w, XB[0], YB[0])
-                (g,) = torch.autograd.grad(u, w)
+                if bound:
+                    u, loss = obj(w, XB[0], YB[0])
+                    (g,) = torch.autograd.grad(u, w)
+                else:
+                    out = forward(w, XB[0])
+                    pr = parts(out, YB[0]) if parts is not None else None
+                    if pr is not None:  # L_B = scale·raw + const: seed the pass with nβ·scale
+                        raw, sc, cst = pr
+                        sd = seeds.get((sc, cst))
+                        if sd is None:
+                            sd = seeds[(sc, cst)] = [
+                                torch.tensor(v, dtype=raw.dtype, device=raw.device)
+                                for v in (nb * sc, cst)
+                            ]
+                        (g,) = torch.autograd.grad(raw, w, sd[0])
+                        loss = torch.add(sd[1], raw.detach(), alpha=sc)  # const + scale·raw
+                    else:
+                        loss = mean_nll(out, YB[0])
+                        (g,) = torch.autograd.grad(loss, w, seed)
+                    u = None
             diff = w.detach() - anchor
             g = g.add(diff, alpha=gam).view(1, -1) if gam else g.view(1, -1)
-            if potential:
-                u = torch.add(u.detach(), diff.dot(diff), alpha=0.5 * gam).view(1)
+            if potential == "dist2":
+                u = diff.dot(diff).view(1)
+            elif potential:
+                u = nb * loss.detach() if u is None else u.detach()
+                u = torch.add(u, diff.dot(diff), alpha=0.5 * gam).view(1)
             return g, (u if potential else None), loss.detach().view(1)
         else:
             w = W.detach().requires_grad_(True)
@@ -374,7 +433,12 @@ def _potential_fns(
         diff = W - anchor
         if gam:
             g = g.add(diff, alpha=gam)
-        u = u.detach() + (0.5 * gam) * (diff * diff).sum(-1) if potential else None
+        if potential == "dist2":
+            u = (diff * diff).sum(-1)
+        elif potential:
+            u = u.detach() + (0.5 * gam) * (diff * diff).sum(-1)
+        else:
+            u = None
         return g, u, loss.detach()
 
     def loop(w, XB, YB):
@@ -482,16 +546,115 @@ def _center_nll(post: LocalPosterior, rows: int = 8192) -> torch.Tensor:
     return torch.cat(out)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix(*xs: int) -> int:
+    """SplitMix64 (Steele, Lea & Flood 2014) folded over integers: a 63-bit seed."""
+    z = 0
+    for x in xs:
+        z = (z ^ (int(x) & _M64)) + 0x9E3779B97F4A7C15 & _M64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+        z ^= z >> 31
+    return z >> 1
+
+
+class _IndexStream:
+    """Minibatch row indices as a pure function of (chain key, slot), with replacement.
+
+    Slot ``j`` of chain ``c`` gets ``m`` indices, row ``j % B`` of a block of ``B`` slots
+    drawn by a generator seeded with ``SplitMix64(key_c, j // B, tag)``. So the batches
+    do not depend on when or how often they are asked for (checkpoints, callbacks,
+    resumed runs, windows), nor on the other chains; and a block of ``B`` slots costs
+    one generator call per chain instead of one per slot. ``tag`` separates the
+    gradient batches from the loss-measurement batches.
+    """
+
+    GRADIENT, LOSS = 0x6AD, 0x1055
+
+    def __init__(self, n: int, m: int, device, tag: int) -> None:
+        self.n, self.m, self.device, self.tag = int(n), int(m), device, int(tag)
+        self.block = max(1, min(64, (1 << 17) // max(self.m, 1)))
+        self.cache: dict[tuple, torch.Tensor] = {}  # (keys, block) -> [B, C, m]
+        self.gen = torch.Generator(device=device)
+
+    def _block(self, keys: tuple, b: int) -> torch.Tensor:
+        hit = self.cache.get((keys, b))
+        if hit is None:
+            if len(self.cache) > 2:
+                self.cache.pop(next(iter(self.cache)))
+            rows = []
+            for key in keys:
+                self.gen.manual_seed(_mix(key, b, self.tag))
+                rows.append(
+                    torch.randint(
+                        self.n, (self.block, self.m), generator=self.gen, device=self.device
+                    )
+                )
+            hit = self.cache[(keys, b)] = torch.stack(rows, 1)
+        return hit
+
+    def row(self, keys: tuple, j: int) -> torch.Tensor:
+        """Indices ``[C, m]`` of slot ``j``."""
+        return self._block(keys, j // self.block)[j % self.block]
+
+    def rows(self, keys: tuple, js: list[int]) -> torch.Tensor:
+        """Indices ``[len(js), C, m]`` of the slots ``js``."""
+        out = []
+        B = self.block
+        k = 0
+        while k < len(js):  # runs of consecutive slots within one block at once
+            b = js[k] // B
+            e = k + 1
+            while e < len(js) and js[e] // B == b and js[e] == js[e - 1] + 1:
+                e += 1
+            out.append(self._block(keys, b)[js[k] % B : js[k] % B + (e - k)])
+            k = e
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _grouped_loss(
+    post: LocalPosterior, measure: Callable, W: torch.Tensor, idx: torch.Tensor, min_group: int = 1
+):
+    """``L_B(w)`` of many weight vectors ``W [K, d]`` on their batches ``idx [K, m]``.
+
+    Groups of ``G`` vectors go through one vmapped, gradient-free forward pass, so a
+    window of draws costs a few calls instead of one per draw (the per-call overhead
+    dominates small networks). ``G·m·(d + 8·size(x_i))`` is kept under 2²³, a proxy for
+    the forward pass's working memory (parameters touched and activations per row), but
+    ``G`` is at least ``min_group`` (the chains, which the gradient step evaluates at once).
+    """
+    K, m = idx.shape
+    X, Y = post.x, post.y
+    per_row = post.d + 8 * int(X[0].numel()) + 8 * int(Y[0].numel() if Y.dim() else 1)
+    G = max(1, min(K, max(int(min_group), (1 << 23) // max(m * per_row, 1))))
+    out = []
+    for a in range(0, K, G):
+        flat = idx[a : a + G].reshape(-1)
+        g = min(G, K - a)
+        XB = X.index_select(0, flat).view(g, m, *X.shape[1:])
+        YB = Y.index_select(0, flat).view(g, m, *Y.shape[1:])
+        out.append(measure(W[a : a + G], XB, YB))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
 def _batch_drawer(post: LocalPosterior, batch_size: int):
-    """``draw(gens, m=None) -> (XB, YB, idx)``: ``m`` indices per chain, with replacement."""
+    """``draw(gens, step=None, keys=None) -> (XB, YB, idx)``: ``batch_size`` indices per
+    chain, with replacement. With the chains' ``keys`` (``SGMCMCState.batch_keys``) the
+    batch of step ``t`` is slot ``t`` of their gradient ``_IndexStream``; without them
+    (a state made by hand) it is drawn from the chains' generators ``gens``."""
     X, Y, n = post.x, post.y, post.n
     dev = X.device
+    stream = _IndexStream(n, batch_size, dev, _IndexStream.GRADIENT)
 
-    def draw(gens, m: int | None = None):
-        m = batch_size if m is None else int(m)
+    def draw(gens, step: int | None = None, keys: tuple | None = None):
+        m = batch_size
         C = len(gens)
         if m >= n:
             idx = torch.arange(n, device=dev).expand(C, n)
+        elif keys is not None and step is not None:
+            idx = stream.row(keys, int(step))
         elif C == 1:
             idx = torch.randint(n, (1, m), generator=gens[0], device=dev)
         else:
@@ -591,6 +754,7 @@ def make_kernel(
             sq_avg=zeros.clone() if method == "rmsprop_sgld" else None,
             adapt_steps=0,
             adapting=True,
+            batch_keys=tuple(int(v) for v in seeds),
         )
 
     sqrt_eps = math.sqrt(eps_)
@@ -600,18 +764,20 @@ def make_kernel(
         """One step with *live* generators ``gens`` (advanced in place); the returned
         state's ``rng`` field is left as it was (the caller dumps the generators when it
         needs the state). ``virial=False`` / ``potential=False`` skip the virial and the
-        potential (``info.virial`` / ``info.potential`` are then None)."""
+        potential (``info.virial`` / ``info.potential`` are then None); ``potential="dist2"``
+        puts ``‖w_t − w*‖²`` in ``info.potential`` instead (what the driver's divergence
+        check needs, one reduction cheaper)."""
         idx = None
         if batch is None:
-            XB, YB, idx = draw_batch(gens)
+            XB, YB, idx = draw_batch(gens, state.step, state.batch_keys)
         else:
             XB, YB = batch
         w0 = state.w
         g, u, loss = pot(w0, XB, YB, potential)
-        noise = torch.empty_like(w0)
         if len(gens) == 1:
-            noise.normal_(generator=gens[0])
+            noise = torch.randn(w0.shape, generator=gens[0], dtype=w0.dtype, device=w0.device)
         else:
+            noise = torch.empty_like(w0)
             for c, gc in enumerate(gens):
                 noise[c].normal_(generator=gc)
         vir = ((w0 - center) * g).sum(-1) if virial else None
@@ -792,7 +958,10 @@ def run_sgmcmc(
           samples, independent of the gradient batches, *paired* with ``w*`` on the same
           batch: ``L̂(w) = L_n(w*) + L_B'(w) − L_B'(w*)``. Unbiased for ``L_n(w)``; the
           pairing cancels most of the batch noise, and the baseline ``L_n(w*)`` is the
-          full-data value, so draws and baseline share one estimator.
+          full-data value, so draws and baseline share one estimator. The loss batches
+          come from random streams of their own (measuring never moves the chains), and
+          the draws of a window are evaluated together in a few vmapped forward passes,
+          so the measurement costs a few per cent of a step even at one chain.
         * ``"gradient"``: the same paired estimator on the batch the next gradient step
           uses at that draw (drawn with replacement, hence also independent of ``w``);
           saves the extra forward pass at ``w``.
@@ -985,6 +1154,8 @@ def run_sgmcmc(
         chunk_draws = max(1, min(draws, (64 << 20) // max(per_draw, 1), 1000))
 
     measure_loss = _loss_fn(post, kernel.potential_and_grad.forward)
+    loss_stream = _IndexStream(post.n, loss_batch_size, post.device, _IndexStream.LOSS)
+    loss_keys = tuple(int(v) for v in seeds)
     # ℓ_i(w*) of every sample, for the w* half of the paired estimators (one full pass)
     nll_center = _center_nll(post) if loss in ("independent", "gradient") else None
     # E‖w − w*‖² is about d/γ when the localizer alone confines the draws; 10⁴ times that
@@ -1016,6 +1187,8 @@ def run_sgmcmc(
     advance = kernel.advance
     win_t: list[int] = []  # steps whose potential is buffered
     win_u: list[torch.Tensor] = []
+    win_l: list[torch.Tensor] = []
+    nbeta_used, gam_used = kernel.settings["nbeta_used"], kernel.settings["localization_used"]
     kept_t: list[int] = []  # steps of the buffered kept draws
     kept_s: list[int] = []  # their draw indices
     # kept draws' weights and gradients (references, no copies), batch losses and, for
@@ -1043,18 +1216,30 @@ def run_sgmcmc(
             "batch_loss": torch.stack(kept["batch_loss"]),
         }
         if kept_j:  # paired estimator L_n(w*) + L_B(w) − L_B(w*) on each measured batch
-            if loss == "gradient" and loss_every == 1:
+            if loss == "independent":  # all of the window's loss batches at once
+                idx = loss_stream.rows(loss_keys, kept_j)  # [J, C, m]
+                J = idx.shape[0]
+                Wm = torch.stack(kept["batch_w"]).reshape(J * chains, -1)
+                lb = _grouped_loss(
+                    post, measure_loss, Wm, idx.reshape(J * chains, -1), min_group=chains
+                ).view(J, chains)
+            elif loss_every == 1:
                 lb = out["batch_loss"]  # the same tensors as kept["batch_w"]
+                idx = torch.stack(kept["index"])
             else:
                 lb = torch.stack(kept["batch_w"])
-            lc = nll_center[torch.stack(kept["index"])].mean(-1)
+                idx = torch.stack(kept["index"])
+            lc = nll_center[idx].mean(-1)
             out["loss"] = lb - lc + post.loss_center
         return out
 
     def check_window(ws: dict[str, torch.Tensor]) -> None:
         t_u = t_w = None
         if win_u:
-            bad_u = ~torch.isfinite(torch.stack(win_u))  # [S, C]
+            pot_u = (
+                torch.stack(win_l).mul_(nbeta_used).add_(torch.stack(win_u), alpha=0.5 * gam_used)
+            )
+            bad_u = ~torch.isfinite(pot_u)  # [S, C]
             rows = bad_u.any(1).nonzero()
             if rows.numel():
                 r = int(rows[0])
@@ -1091,6 +1276,7 @@ def run_sgmcmc(
         check_window(ws)
         win_t.clear()
         win_u.clear()
+        win_l.clear()
         if kept_s:
             s0, k = kept_s[0], len(kept_s)
             for nm in ("virial", "batch_loss", "dist2"):
@@ -1131,9 +1317,13 @@ def run_sgmcmc(
             keep = t >= warmup and (t - warmup) % thin == 0
             s = (t - warmup) // thin if keep else -1
             w_t = state.w
-            state, info = advance(gens, state, None, False)
+            # potential="dist2": info.potential is ‖w − w*‖²; the window check assembles
+            # U = nβ L_B + γ/2‖w − w*‖² from it and the loss (constraint penalties aside:
+            # a non-finite one makes the next step's weights non-finite)
+            state, info = advance(gens, state, None, False, "dist2")
             win_t.append(t)
             win_u.append(info.potential)
+            win_l.append(info.loss)
             if keep:
                 kept_t.append(t)
                 kept_s.append(s)
@@ -1148,10 +1338,8 @@ def run_sgmcmc(
                         kept_j.append(j)
                     elif loss == "full":
                         kept_loss.append((j, post.evaluate(w_t, grad=False)["loss"]))
-                    else:
-                        XB, YB, idx = kernel.draw_batch(gens, loss_batch_size)
-                        kept["batch_w"].append(measure_loss(w_t, XB, YB))
-                        kept["index"].append(idx)
+                    else:  # evaluated per window (window_stats)
+                        kept["batch_w"].append(w_t)
                         kept_j.append(j)
                 if n_full and s % int(full_loss_every) == 0:
                     lf = post.evaluate(w_t, grad=False)["loss"]
