@@ -314,7 +314,7 @@ def _mean_nll(post: LocalPosterior) -> Callable:
 
         def parts(out, y):
             m = out.shape[0]
-            if out.shape != y.shape:
+            if out.shape != y.shape or out.dtype != y.dtype:
                 return None
             sq = F.mse_loss(out, y, reduction="sum")
             return sq, half_inv_s2 / m, (out.numel() // max(m, 1)) * log_norm
@@ -339,9 +339,7 @@ def _mean_nll(post: LocalPosterior) -> Callable:
             close = dict(rtol=1e-5, atol=1e-6 * (1 + abs(float(b))))
             if not bool(torch.isclose(a, b, **close)):
                 return general
-            pr = parts(
-                out, y0.to(out.dtype) if out.is_floating_point() and y0.is_floating_point() else y0
-            )
+            pr = parts(out, y0)
             if pr is not None and bool(torch.isclose(pr[0] * pr[1] + pr[2], b, **close)):
                 fused.parts = parts  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
