@@ -197,16 +197,26 @@ def make_teacher(
     Haar-random orthogonal ``U, V`` and singular values log-uniform in
     ``[spread^{-1/2}, spread^{1/2}]``: generic (no structure, full rank), but with a
     controlled condition number so that one SGLD step size suits every direction.
+
+    ``kind="rankK"`` (e.g. ``"rank2"``): the same, but the first factor has rank ``K`` so
+    that the product has rank ``K`` (ANCHORS' devinterp run: [5,4,3,4], rank 2). Not a
+    safe point of THEORY §4.3: the local λ there need not equal Aoyagi's, so compare
+    samplers against the NUTS value at the same (nβ, γ), not against λ.
     """
     H = [int(h) for h in widths]
     if kind == "origin":
         return [torch.zeros(b, a) for a, b in itertools.pairwise(H)], 0
-    if kind != "full":
-        raise ValueError(f"kind must be 'origin' or 'full'; got {kind!r}")
+    target_rank = min(H)
+    if kind.startswith("rank"):  # a generic teacher whose product has rank K < min(H)
+        target_rank = int(kind[4:])
+        if not 0 < target_rank <= min(H):
+            raise ValueError(f"kind={kind!r}: rank must lie in 1..{min(H)}")
+    elif kind != "full":
+        raise ValueError(f"kind must be 'origin', 'full' or 'rankK'; got {kind!r}")
     g = torch.Generator().manual_seed(seed)
     Ws = []
-    for a, b in itertools.pairwise(H):
-        k = min(a, b)
+    for j, (a, b) in enumerate(itertools.pairwise(H)):
+        k = min(a, b) if j else min(a, b, target_rank)  # the first factor carries the rank
         U, _ = torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))
         V, _ = torch.linalg.qr(torch.randn(a, a, generator=g, dtype=torch.float64))
         u = torch.rand(k, generator=g, dtype=torch.float64)
@@ -216,8 +226,8 @@ def make_teacher(
     for W in Ws[1:]:
         prod = W @ prod
     r = int(torch.linalg.matrix_rank(prod))
-    if r != min(H):
-        raise RuntimeError(f"teacher rank {r} != min(widths) {min(H)}; try another seed")
+    if r != target_rank:
+        raise RuntimeError(f"teacher rank {r} != {target_rank}; try another seed")
     return [W.float() for W in Ws], r
 
 

@@ -421,11 +421,24 @@ def speed_section(args, dv_python) -> None:
 
 def accuracy_section(args, dv_python) -> None:
     nbeta = args.n / math.log(args.n)
-    widths = _ints(args.acc_widths)
+    widths0 = _ints(args.acc_widths)
+    # (label, widths, teacher kind, γ, ε, label-noise sd)
     cases = [
-        ("origin", args.origin_gamma, args.origin_step),
-        ("full", args.full_gamma, args.full_step),
+        ("origin", widths0, "origin", args.origin_gamma, args.origin_step, args.noise),
+        ("full", widths0, "full", args.full_gamma, args.full_step, args.noise),
     ]
+    if not args.skip_anchors_case:
+        cases.append(
+            (
+                "anchors",
+                _ints(args.anchors_widths),
+                f"rank{args.anchors_rank}",
+                args.anchors_gamma,
+                args.anchors_step,
+                args.anchors_noise,
+            )
+        )
+    widths = widths0
     print(
         f"\n## Accuracy: DLN {widths} (d = {dln_parameter_count(widths)}), n = {args.n}, "
         f"batch {args.batch}, nβ = n/log n = {nbeta:.1f}. condpost SGLD: {args.acc_chains} "
@@ -440,14 +453,14 @@ def accuracy_section(args, dv_python) -> None:
     rows = []
     dv_jobs = []
     per_case = {}
-    for kind, gamma, eps in cases:
+    for label, widths, kind, gamma, eps, noise in cases:
         teacher, r, x, y = build_problem(
-            widths, kind, n=args.n, teacher_seed=0, data_seed=1, noise=args.noise
+            widths, kind, n=args.n, teacher_seed=0, data_seed=1, noise=noise
         )
         lam = aoyagi_lambda(widths, r)
         post = condpost_posterior(widths, teacher, x, y, nbeta, gamma)
         # exact target: NUTS on the identical loss function (4-row dataset)
-        if args.noise:
+        if noise:
             xs, ys = x, y  # compress_data is exact only for noiseless targets
         else:
             xs, ys = compress_data(x, teacher)
@@ -495,10 +508,10 @@ def accuracy_section(args, dv_python) -> None:
             lc = res.llc()
         t_sgld = time.perf_counter() - t
         notes = sorted({str(w.message).split(". ")[0] for w in caught})  # first sentences
-        per_case[kind] = dict(lam=lam, target=ln.mean, se_t=se_t)
+        per_case[label] = dict(lam=lam, target=ln.mean, se_t=se_t)
         rows.append(
             dict(
-                case=f"{kind} (r={r})",
+                case=f"{label}: {widths}, r={r}" + (f", noise {noise:g}" if noise else ""),
                 gamma=gamma,
                 eps=eps,
                 lam=lam,
@@ -515,12 +528,12 @@ def accuracy_section(args, dv_python) -> None:
         )
         dv_jobs.append(
             dict(
-                label=kind,
+                label=label,
                 widths=widths,
                 kind=kind,
                 teacher_seed=0,
                 data_seed=1,
-                noise=args.noise,
+                noise=noise,
                 n=args.n,
                 nbeta=nbeta,
                 localization=gamma,
@@ -539,9 +552,9 @@ def accuracy_section(args, dv_python) -> None:
     )
     dvr = {j["label"]: j for j in dv["results"]} if dv else {}
     table = []
-    for row, (kind, _, _) in zip(rows, cases, strict=True):
+    for row, case in zip(rows, cases, strict=True):
         tg, se = row["target"], row["se_t"]
-        d = dvr.get(kind)
+        d = dvr.get(case[0])
         pct = lambda v, ref: f"{100 * (v / ref - 1):+.1f}%"  # noqa: E731
         table.append(
             [
@@ -617,6 +630,12 @@ def main(argv=None) -> None:
     p.add_argument("--origin-step", type=float, default=5e-5)
     p.add_argument("--full-gamma", type=float, default=10.0)
     p.add_argument("--full-step", type=float, default=1e-5)
+    p.add_argument("--anchors-widths", default="5,4,3,4", help="ANCHORS' devinterp DLN")
+    p.add_argument("--anchors-rank", type=int, default=2)
+    p.add_argument("--anchors-gamma", type=float, default=100.0)
+    p.add_argument("--anchors-step", type=float, default=1e-5)
+    p.add_argument("--anchors-noise", type=float, default=1.0, help="label noise sd")
+    p.add_argument("--skip-anchors-case", action="store_true", help="only THEORY's two safe points")
     p.add_argument("--nuts-backend", default=None, help="numpyro (default if jax) or pyro")
     p.add_argument("--nuts-chains", type=int, default=4)
     p.add_argument("--nuts-warmup", type=int, default=1000)
