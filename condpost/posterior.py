@@ -27,7 +27,7 @@ from .lifting import LiftedNetwork
 from .likelihoods import Likelihood, as_likelihood
 from .primitives import check_localization, lift, preserve, resolve_nbeta, temper
 
-SGMCMC_METHODS = ("sgld", "rmsprop_sgld", "sghmc")
+SGMCMC_METHODS = ("sgld", "rmsprop_sgld", "sghmc", "sgnht")
 
 __all__ = ["LocalPosterior"]
 
@@ -442,7 +442,7 @@ class LocalPosterior:
 
         Parameters
         ----------
-        method : {"nuts", "hmc", "chees", "sgld", "rmsprop_sgld", "sghmc"}
+        method : {"nuts", "hmc", "chees", "sgld", "rmsprop_sgld", "sghmc", "sgnht"}
             Sampler. NUTS/HMC are full-batch (THEORY §1.5); ``"chees"`` is many-chain
             ChEES-HMC on JAX (``backend="jax"``, ``condpost.infer.chees.run_chees``); the
             SG-MCMC methods use minibatches and vectorized chains (``condpost.infer.sgmcmc``).

@@ -517,6 +517,7 @@ class ReferenceClass:
             "sgld",
             "rmsprop_sgld",
             "sghmc",
+            "sgnht",
         ):
             from .slt import llc_sgmcmc
 

@@ -129,7 +129,7 @@ def calibrate_step_size(
     Parameters
     ----------
     post : LocalPosterior
-    method : {"sgld", "rmsprop_sgld", "sghmc"}
+    method : {"sgld", "rmsprop_sgld", "sghmc", "sgnht"}
     step_sizes : sequence of float, optional
         Grid (default ``10^{-7} … 10^{-2}``, half-decade spacing).
     chains, steps : int
@@ -192,7 +192,7 @@ def calibrate_step_size(
                 XB, YB = info.batch
                 tr[:, t] = (nb * (info.loss - _center_batch_loss(post, XB, YB))).cpu().numpy()
                 vir[:, t] = (info.virial / d).cpu().numpy()
-                if method != "sghmc":
+                if method not in ("sghmc", "sgnht"):
                     g1, u1, _ = pot(state.w, XB, YB)
                     G = 1.0 if info.precond is None else info.precond
                     fwd = state.w - w0 + 0.5 * eps * G * info.grad
@@ -282,13 +282,15 @@ def _row(eps, tr, vir, acc, status, steps, virial_tol, target_accept, method) ->
     vbm = v.reshape(C, 4, -1).mean(-1) if v.shape[1] >= 4 else v
     virial = float(v.mean())
     virial_se = float(vbm.std(ddof=1) / math.sqrt(vbm.size)) if vbm.size > 1 else float("nan")
-    accept = float(np.nanmean(acc[:, half:])) if method != "sghmc" else float("nan")
+    accept = (
+        float(np.nanmean(acc[:, half:])) if method not in ("sghmc", "sgnht") else float("nan")
+    )
     reasons = []
     if not plateau:
         reasons.append("no plateau" + (" (still rising)" if drift > 0 else " (falling)"))
     if abs(virial - 1) > max(virial_tol, 3 * virial_se):
         reasons.append("virial " + ("high" if virial > 1 else "low"))
-    if method != "sghmc" and not accept >= target_accept:
+    if method not in ("sghmc", "sgnht") and not accept >= target_accept:
         reasons.append("accept low")
     row.update(
         llc=llc,

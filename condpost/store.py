@@ -194,6 +194,7 @@ class RunStore:
             sq_avg=t("sq_avg"),
             adapt_steps=int(ck["adapt_steps"]),
             adapting=bool(ck["adapting"]),
+            thermostat=t("thermostat"),
             batch_keys=(
                 tuple(int(v) for v in np.asarray(ck["batch_keys"]).tolist())
                 if "batch_keys" in ck
@@ -221,6 +222,8 @@ class RunStore:
             "adapt_steps": np.array(state.adapt_steps),
             "adapting": np.array(bool(state.adapting)),
         }
+        if getattr(state, "thermostat", None) is not None:
+            arrays["thermostat"] = state.thermostat.detach().cpu().numpy()
         if state.batch_keys is not None:
             arrays["batch_keys"] = np.array(state.batch_keys, dtype=np.int64)
         if state.momentum is not None:

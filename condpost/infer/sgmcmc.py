@@ -24,7 +24,21 @@ are evaluated full-batch on their fixed probes. Writing ``g = ∇U_B(w)`` and ``
 * ``sghmc`` (Chen, Fox & Guestrin 2014, ICML, "Stochastic gradient Hamiltonian Monte
   Carlo", eq. 15, with β̂ = 0): ``v' = (1 − α) v − η g + √(2αη) ξ``, ``w' = w + v'``;
   ``η`` is ``step_size`` and ``α`` is ``friction``. With ``friction=1`` it is SGLD with
-  ``ε = 2η``.
+  ``ε = 2η``. The minibatch-gradient noise ``η² V_g`` per step adds to the injected
+  ``2αη``, inflating the stationary variance by about ``η V_g/(2α)`` relative.
+* ``sgnht`` (Ding, Fang, Babbush, Chen, Skeel & Neven 2014, NeurIPS, "Bayesian sampling
+  using stochastic gradient thermostats", Alg. 1, in the units ``v = p h``, ``η = h²``,
+  ``ζ = ξh``, ``a = Ah``): ``v' = (1 − ζ) v − η g + √(2aη) ξ``, ``w' = w + v'``,
+  ``ζ' = ζ + ‖v'‖²/d − η/(1 − ζ/2)``, one thermostat ``ζ`` per chain, started at ``a`` =
+  ``friction``. The thermostat raises the friction until the kinetic energy is at unit
+  temperature, which absorbs the (unknown) gradient noise that biases SGHMC. Ding et al.
+  target ``‖v‖²/d = η``, their h → 0 limit; at a per-step friction ζ of order 0.1 the
+  stationary ``E‖v'‖²/d`` of the discrete update at unit temperature is ``η/(1 − ζ/2)``
+  (the OU part solved exactly: ``2aη/(2ζ − ζ²)`` at ``ζ = a``), and targeting ``η``
+  instead cools the chain by ζ/2 (−5% in λ̂ at ζ = 0.1). With this target the
+  thermostat's fixed point is ``ζ = a + η V_g/2`` with ``V_g`` the per-coordinate
+  minibatch-gradient variance: Chen et al.'s noise-matched friction, found without
+  estimating ``V_g``.
 
 Chains are a ``[chains, d]`` weight batch pushed through
 ``torch.func.vmap(torch.func.grad_and_value(U_B))`` over a functional call of the
@@ -78,12 +92,13 @@ __all__ = [
     "sgld",
     "rmsprop_sgld",
     "sghmc",
+    "sgnht",
     "make_kernel",
     "run_sgmcmc",
     "chain_generators",
 ]
 
-METHODS = ("sgld", "rmsprop_sgld", "sghmc")
+METHODS = ("sgld", "rmsprop_sgld", "sghmc", "sgnht")
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,7 +118,7 @@ class SGMCMCState(NamedTuple):
     step : int
         Number of steps taken so far.
     momentum : Tensor ``[C, d]`` or None
-        SGHMC velocity ``v``.
+        SGHMC/SGNHT velocity ``v``.
     sq_avg : Tensor ``[C, d]`` or None
         RMSProp running average ``V`` of ``g⊙g``.
     adapt_steps : int
@@ -114,6 +129,8 @@ class SGMCMCState(NamedTuple):
         Per-chain keys of the minibatch index streams (the chain seeds): the batch of
         step ``t`` is a pure function of ``(key, t)``. None: batches are drawn from
         ``rng`` instead.
+    thermostat : Tensor ``[C]`` or None
+        SGNHT's per-chain friction ``ζ``.
     """
 
     w: torch.Tensor
@@ -124,6 +141,7 @@ class SGMCMCState(NamedTuple):
     adapt_steps: int = 0
     adapting: bool = True
     batch_keys: tuple | None = None
+    thermostat: torch.Tensor | None = None
 
 
 class StepInfo(NamedTuple):
@@ -690,14 +708,15 @@ def make_kernel(
     ----------
     post : LocalPosterior
         The declaration; its potential is used with minibatch losses.
-    method : {"sgld", "rmsprop_sgld", "sghmc"}
+    method : {"sgld", "rmsprop_sgld", "sghmc", "sgnht"}
         Update rule (module docstring).
     step_size : float
         ε for SGLD and RMSProp-SGLD, the learning rate η for SGHMC.
     batch_size : int, optional
         Minibatch size ``m`` (default ``min(n, 256)``); ``m ≥ n`` uses the full batch.
     friction : float
-        SGHMC friction α in (0, 1] (default 0.1).
+        SGHMC friction α in (0, 1] (default 0.1); for SGNHT the injected-noise level ``a``
+        and the thermostat's starting value.
     alpha, eps : float
         RMSProp decay α (default 0.99) and stabiliser δ (default 1e-8).
     nbeta, localization, anchor :
@@ -748,11 +767,16 @@ def make_kernel(
             w=w,
             rng=chain_generators(seeds, post.device),
             step=0,
-            momentum=zeros if method == "sghmc" else None,
+            momentum=zeros if method in ("sghmc", "sgnht") else None,
             sq_avg=zeros.clone() if method == "rmsprop_sgld" else None,
             adapt_steps=0,
             adapting=True,
             batch_keys=tuple(int(v) for v in seeds),
+            thermostat=(
+                torch.full((chains,), float(friction), dtype=w.dtype, device=w.device)
+                if method == "sgnht"
+                else None
+            ),
         )
 
     sqrt_eps = math.sqrt(eps_)
@@ -796,10 +820,17 @@ def make_kernel(
                 precond = 1.0 / (eps + (sq / (1 - alpha**t)).sqrt())
             w = w0 - (0.5 * eps_) * precond * g + (eps_ * precond).sqrt() * noise
             new = state._replace(w=w, sq_avg=sq, adapt_steps=t, step=state.step + 1)
-        else:  # sghmc
+        elif method == "sghmc":
             v = (1 - friction) * state.momentum - eps_ * g
             v = v + sghmc_sd * noise
             new = state._replace(w=w0 + v, momentum=v, step=state.step + 1)
+        else:  # sgnht
+            zeta = state.thermostat
+            v = (1 - zeta).unsqueeze(-1) * state.momentum - eps_ * g + sghmc_sd * noise
+            # target η/(1 − ζ/2): the stationary ‖v'‖²/d of the discrete friction step at unit
+            # temperature (Ding et al.'s η in the h → 0 limit); its fixed point is ζ = a + ηV_g/2
+            zeta = zeta + (v * v).mean(-1) - eps_ / (1 - 0.5 * zeta)
+            new = state._replace(w=w0 + v, momentum=v, thermostat=zeta, step=state.step + 1)
         info = StepInfo(
             loss=loss,
             potential=u,
@@ -821,7 +852,7 @@ def make_kernel(
         "method": method,
         "step_size": eps_,
         "batch_size": batch_size,
-        "friction": float(friction) if method == "sghmc" else None,
+        "friction": float(friction) if method in ("sghmc", "sgnht") else None,
         "rmsprop_alpha": float(alpha) if method == "rmsprop_sgld" else None,
         "rmsprop_eps": float(eps) if method == "rmsprop_sgld" else None,
         "nbeta_used": nb,
@@ -854,6 +885,11 @@ def rmsprop_sgld(post: LocalPosterior, *, step_size: float, batch_size: int | No
 def sghmc(post: LocalPosterior, *, step_size: float, batch_size: int | None = None, **kw):
     """SGHMC kernel (Chen, Fox & Guestrin 2014)."""
     return make_kernel(post, "sghmc", step_size=step_size, batch_size=batch_size, **kw)
+
+
+def sgnht(post: LocalPosterior, *, step_size: float, batch_size: int | None = None, **kw):
+    """SGNHT kernel (Ding et al. 2014): SGHMC with a per-chain Nosé–Hoover thermostat."""
+    return make_kernel(post, "sgnht", step_size=step_size, batch_size=batch_size, **kw)
 
 
 def _check_method(method: str) -> str:
@@ -927,11 +963,11 @@ def run_sgmcmc(
 ) -> ReferenceClass:
     """Run vectorized SG-MCMC chains from ``w*`` and return a ``ReferenceClass``.
 
-    Called by ``LocalPosterior.sample("sgld" | "rmsprop_sgld" | "sghmc", ...)``.
+    Called by ``LocalPosterior.sample("sgld" | "rmsprop_sgld" | "sghmc" | "sgnht", ...)``.
 
     Parameters
     ----------
-    method : {"sgld", "rmsprop_sgld", "sghmc"}
+    method : {"sgld", "rmsprop_sgld", "sghmc", "sgnht"}
         Update rule (see the module docstring).
     chains, warmup, draws, seed, progress :
         As for ``LocalPosterior.sample``. ``warmup`` steps are burn-in, not kept. Each
@@ -982,7 +1018,7 @@ def run_sgmcmc(
         to an uninterrupted run with the same arguments; ``draws`` may be larger than the
         stored run's (extend it).
     friction : float
-        SGHMC friction α (default 0.1).
+        SGHMC friction α (default 0.1); SGNHT's injected-noise level and initial thermostat.
     alpha, eps : float
         RMSProp-SGLD decay and stabiliser.
     adapt_preconditioner : {"warmup", "always"}
@@ -1124,6 +1160,7 @@ def run_sgmcmc(
                 "virial": draws,
                 "batch_loss": draws,
                 "dist2": draws,
+                **({"thermostat": draws} if method == "sgnht" else {}),
                 **dict.fromkeys(defect_names, draws),
                 **({"loss_full": n_full} if n_full else {}),
             },
@@ -1137,6 +1174,8 @@ def run_sgmcmc(
         stats = {"loss": np.zeros((chains, n_loss)), "virial": np.zeros((chains, draws))}
         stats["batch_loss"] = np.zeros((chains, draws))
         stats["dist2"] = np.zeros((chains, draws))
+        if method == "sgnht":
+            stats["thermostat"] = np.zeros((chains, draws))
         for nm in defect_names:
             stats[nm] = np.zeros((chains, draws))
         if n_full:
@@ -1191,7 +1230,14 @@ def run_sgmcmc(
     kept_s: list[int] = []  # their draw indices
     # kept draws' weights and gradients (references, no copies), batch losses and, for
     # loss="gradient", batch indices: their statistics are computed per window at once
-    kept: dict[str, list] = {"batch_loss": [], "w": [], "grad": [], "index": [], "batch_w": []}
+    kept: dict[str, list] = {
+        "batch_loss": [],
+        "w": [],
+        "grad": [],
+        "index": [],
+        "batch_w": [],
+        "thermostat": [],
+    }
     # loss="gradient"/"independent": loss slots of the measured draws, with L_B(w) and the
     # batch indices in kept["batch_w"] and kept["index"] (L_B(w*) is gathered per window)
     kept_j: list[int] = []
@@ -1212,6 +1258,7 @@ def run_sgmcmc(
             "dist2": (diff * diff).sum(-1),
             "virial": (diff * torch.stack(kept["grad"])).sum(-1),
             "batch_loss": torch.stack(kept["batch_loss"]),
+            **({"thermostat": torch.stack(kept["thermostat"])} if kept["thermostat"] else {}),
         }
         if kept_j:  # paired estimator L_n(w*) + L_B(w) − L_B(w*) on each measured batch
             if loss == "independent":  # all of the window's loss batches at once
@@ -1277,7 +1324,9 @@ def run_sgmcmc(
         win_l.clear()
         if kept_s:
             s0, k = kept_s[0], len(kept_s)
-            for nm in ("virial", "batch_loss", "dist2"):
+            for nm in ("virial", "batch_loss", "dist2", "thermostat"):
+                if nm not in ws:
+                    continue
                 stats[nm][:, s0 : s0 + k] = ws[nm].T.cpu().numpy()
             if kept_j:
                 stats["loss"][:, kept_j[0] : kept_j[0] + len(kept_j)] = ws["loss"].T.cpu().numpy()
@@ -1314,7 +1363,7 @@ def run_sgmcmc(
                     state = state._replace(adapting=False)
             keep = t >= warmup and (t - warmup) % thin == 0
             s = (t - warmup) // thin if keep else -1
-            w_t = state.w
+            w_t, z_t = state.w, state.thermostat
             # potential="dist2": info.potential is ‖w − w*‖²; the window check assembles
             # U = nβ L_B + γ/2‖w − w*‖² from it and the loss (constraint penalties aside:
             # a non-finite one makes the next step's weights non-finite)
@@ -1327,6 +1376,8 @@ def run_sgmcmc(
                 kept_s.append(s)
                 kept["batch_loss"].append(info.loss)
                 kept["w"].append(w_t)
+                if z_t is not None:
+                    kept["thermostat"].append(z_t)
                 kept["grad"].append(info.grad)
                 if s % loss_every == 0:
                     j = s // loss_every
