@@ -282,9 +282,7 @@ def _row(eps, tr, vir, acc, status, steps, virial_tol, target_accept, method) ->
     vbm = v.reshape(C, 4, -1).mean(-1) if v.shape[1] >= 4 else v
     virial = float(v.mean())
     virial_se = float(vbm.std(ddof=1) / math.sqrt(vbm.size)) if vbm.size > 1 else float("nan")
-    accept = (
-        float(np.nanmean(acc[:, half:])) if method not in ("sghmc", "sgnht") else float("nan")
-    )
+    accept = float(np.nanmean(acc[:, half:])) if method not in ("sghmc", "sgnht") else float("nan")
     reasons = []
     if not plateau:
         reasons.append("no plateau" + (" (still rising)" if drift > 0 else " (falling)"))

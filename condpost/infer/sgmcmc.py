@@ -562,25 +562,12 @@ def _center_nll(post: LocalPosterior, rows: int = 8192) -> torch.Tensor:
     return torch.cat(out)
 
 
-_M64 = (1 << 64) - 1
-
-
-def _mix(*xs: int) -> int:
-    """SplitMix64 (Steele, Lea & Flood 2014) folded over integers: a 63-bit seed."""
-    z = 0
-    for x in xs:
-        z = (z ^ (int(x) & _M64)) + 0x9E3779B97F4A7C15 & _M64
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
-        z ^= z >> 31
-    return z >> 1
-
-
 class _IndexStream:
     """Minibatch row indices as a pure function of (chain key, slot), with replacement.
 
     Slot ``j`` of chain ``c`` gets ``m`` indices, row ``j % B`` of a block of ``B`` slots
-    drawn by a generator seeded with ``SplitMix64(key_c, j // B, tag)``. So the batches
+    drawn by a generator seeded from ``SeedSequence([key_c, j // B, tag])`` (the seeding
+    rule of ``chain_seeds``). So the batches
     do not depend on when or how often they are asked for (checkpoints, callbacks,
     resumed runs, windows), nor on the other chains; and a block of ``B`` slots costs
     one generator call per chain instead of one per slot. ``tag`` separates the
@@ -602,7 +589,8 @@ class _IndexStream:
                 self.cache.pop(next(iter(self.cache)))
             rows = []
             for key in keys:
-                self.gen.manual_seed(_mix(key, b, self.tag))
+                seq = np.random.SeedSequence([key, b, self.tag])
+                self.gen.manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0]))
                 rows.append(
                     torch.randint(
                         self.n, (self.block, self.m), generator=self.gen, device=self.device
@@ -617,17 +605,7 @@ class _IndexStream:
 
     def rows(self, keys: tuple, js: list[int]) -> torch.Tensor:
         """Indices ``[len(js), C, m]`` of the slots ``js``."""
-        out = []
-        B = self.block
-        k = 0
-        while k < len(js):  # runs of consecutive slots within one block at once
-            b = js[k] // B
-            e = k + 1
-            while e < len(js) and js[e] // B == b and js[e] == js[e - 1] + 1:
-                e += 1
-            out.append(self._block(keys, b)[js[k] % B : js[k] % B + (e - k)])
-            k = e
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return torch.stack([self.row(keys, j) for j in js])
 
 
 def _grouped_loss(
@@ -643,7 +621,7 @@ def _grouped_loss(
     """
     K, m = idx.shape
     X, Y = post.x, post.y
-    per_row = post.d + 8 * int(X[0].numel()) + 8 * int(Y[0].numel() if Y.dim() else 1)
+    per_row = post.d + 8 * (X[0].numel() + Y[0].numel())
     G = max(1, min(K, max(int(min_group), (1 << 23) // max(m * per_row, 1))))
     out = []
     for a in range(0, K, G):
