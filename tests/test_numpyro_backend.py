@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from analytic import linear_net, make_problem, whitened_problem
-from test_linear_gaussian import _declare, _ess
+from test_linear_gaussian import _declare, check_exact_posterior
 
 import condpost as cp
 
@@ -22,33 +22,6 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("numpyro")
 
 RUN = dict(chains=4, warmup=300, seed=3, progress=False, backend="numpyro")
-
-
-def _check_exact(prob, ref):
-    """Mean (4 SE), covariance entry-wise (4.5 SE, ESS of products), E[nβΔL] (4 SE)."""
-    mu, Sigma = prob.posterior()
-    W = ref.flat()
-    flat = W.reshape(-1, prob.d)
-    ess = _ess(W)
-    assert ess.min() >= 2000, f"ESS too small for the covariance test: {ess.min():.0f}"
-    se = np.sqrt(np.diag(Sigma)) / np.sqrt(ess)
-    err = np.abs(flat.mean(0) - mu)
-    assert np.all(err <= 4 * se), f"mean error / se = {err / se}"
-    Z = W - mu
-    z_scores = []
-    for i, j in zip(*np.triu_indices(prob.d), strict=True):
-        prod = Z[..., i] * Z[..., j]
-        se_ij = prod.std() / np.sqrt(float(az.ess(prod, method="mean")))
-        z_scores.append((prod.mean() - Sigma[i, j]) / se_ij)
-    z_scores = np.abs(np.array(z_scores))
-    assert z_scores.max() <= 4.5, f"covariance error / se = {np.round(z_scores, 2)}"
-    dl = np.array([prob.nbeta_L(w) for w in flat]) - prob.nbeta_L(prob.w_star)
-    exact = prob.expected_nbeta_dL()
-    dl_se = dl.std() / np.sqrt(float(az.ess(dl.reshape(W.shape[:2]), method="mean")))
-    assert abs(dl.mean() - exact) <= 4 * dl_se, (dl.mean(), exact, dl_se)
-    lam = ref.llc(warn_user=False)
-    assert abs(lam.mean - dl.mean()) < 1e-8 * max(1.0, abs(exact))
-    assert abs(lam.mean - exact) <= 4 * lam.stderr
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +37,7 @@ def constrained():
 
 def test_exact_posterior_perturbed_constrained(constrained):
     prob, w0, net, before, post, ref = constrained
-    _check_exact(prob, ref)
+    check_exact_posterior(prob, ref)
     assert np.array_equal(prob.w_star, w0)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
@@ -79,7 +52,7 @@ def test_exact_posterior_perturbed_constrained(constrained):
 def test_exact_posterior_other_cases(constrained_, perturb):
     prob = make_problem(seed=1, perturb=perturb)
     _, post = _declare(prob, constrained_)
-    _check_exact(prob, post.sample("nuts", draws=1600, **RUN))
+    check_exact_posterior(prob, post.sample("nuts", draws=1600, **RUN))
 
 
 def test_result_contract(constrained, tmp_path):
@@ -227,7 +200,7 @@ def test_float32_run_and_block_size_invariance():
     kw = dict(RUN, draws=1600, chain_method="sequential", x64=False)
     ref = post.sample("nuts", **kw)
     assert ref.settings["x64"] is False
-    _check_exact(prob, ref)
+    check_exact_posterior(prob, ref)
     a = post.sample("nuts", **dict(kw, draws=40, block_size=7))
     b = post.sample("nuts", **dict(kw, draws=40, block_size=13))
     np.testing.assert_array_equal(a.flat(), b.flat())
