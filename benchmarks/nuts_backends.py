@@ -63,7 +63,7 @@ from nuts_overhead import make_problem, md_table  # noqa: E402
 
 import condpost as cp  # noqa: E402
 from condpost.diagnostics import ess_bulk  # noqa: E402
-from condpost.infer.nuts import chain_seeds  # noqa: E402
+from condpost.infer.base import chain_seeds  # noqa: E402
 
 TARGET_VS_PYRO = 10.0
 TARGET_VS_NATIVE = 1.1

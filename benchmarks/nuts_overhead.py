@@ -80,7 +80,7 @@ from torch.func import functional_call
 
 import condpost as cp
 from condpost.diagnostics import ess_bulk
-from condpost.infer.nuts import chain_seeds
+from condpost.infer.base import chain_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"

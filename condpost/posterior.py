@@ -563,6 +563,22 @@ class LocalPosterior:
         )
 
     # ------------------------------------------------------------------ metadata
+    def fingerprint(self) -> dict:
+        """What must match for two sets of draws to belong to this declaration.
+
+        A dict of component → hash (data, likelihood, architecture, lifted selection,
+        centre, constraints) or value (nβ, γ, L_n(w*)); see ``condpost.fingerprint``.
+        Computed once per declaration (constraints added later recompute it).
+        """
+        key = len(self._bound)
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None or cached[0] != key:
+            from .fingerprint import fingerprint
+
+            cached = (key, fingerprint(self))
+            self._fingerprint = cached
+        return dict(cached[1])
+
     def config(self) -> dict:
         return {
             "n": self.n,
@@ -579,6 +595,7 @@ class LocalPosterior:
                 "shapes": [list(s) for s in self.lifted.shapes],
             },
             "constraints": [b.to_config() for b in self._bound],
+            "fingerprint": self.fingerprint(),
             "loss_center": self.loss_center,
             "center_check": dict(self.center_check),
         }

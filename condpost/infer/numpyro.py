@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._errors import SamplerWarning, check_options, warn
-from .nuts import chain_seeds
+from .base import chain_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
@@ -551,7 +551,8 @@ def run_numpyro_svi(
     condpost.infer.svi.SVIResult
         ``.mean``, ``.covariance()``, ``.sample(n, seed=...)`` → ``ReferenceClass``.
     """
-    from .svi import SVIResult, check_svi_args
+    from .base import check_svi_args, default_rank
+    from .svi import SVIResult
 
     _unknown(
         unknown,
@@ -583,7 +584,7 @@ def run_numpyro_svi(
     if not init_scale > 0:
         raise ValueError(f"init_scale must be positive; got {init_scale!r}")
     if rank is None:
-        rank = int(math.ceil(d**0.5))
+        rank = default_rank(d)
     if guide == "lowrank" and (int(rank) != rank or rank < 1):
         raise ValueError(f"rank must be a positive integer; got {rank!r}")
     rank = int(rank)

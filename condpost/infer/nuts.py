@@ -17,17 +17,12 @@ from pyro.infer.mcmc import HMC, NUTS
 from tqdm.auto import tqdm
 
 from .._errors import SamplerWarning, warn
+from .base import chain_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
 
 __all__ = ["run_pyro_mcmc", "chain_seeds"]
-
-
-def chain_seeds(seed: int, chains: int) -> list[int]:
-    """Independent per-chain seeds derived from one user seed (NumPy SeedSequence)."""
-    ss = np.random.SeedSequence(int(seed))
-    return [int(s.generate_state(1, dtype=np.uint32)[0]) for s in ss.spawn(chains)]
 
 
 def run_pyro_mcmc(

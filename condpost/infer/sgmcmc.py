@@ -734,7 +734,7 @@ def make_kernel(
     warm_start = int(round(1 / (1 - alpha)))
 
     def init(chains: int, seed: int | list[int], w0: torch.Tensor | None = None) -> SGMCMCState:
-        from .nuts import chain_seeds
+        from .base import chain_seeds
 
         seeds = chain_seeds(seed, chains) if isinstance(seed, (int, np.integer)) else list(seed)
         if len(seeds) != chains:
@@ -1063,7 +1063,7 @@ def run_sgmcmc(
     if loss == "independent" and loss_batch_size >= post.n:
         loss = "full"
 
-    from .nuts import chain_seeds
+    from .base import chain_seeds
 
     seeds = chain_seeds(seed, chains)
     n_loss = -(-draws // loss_every)

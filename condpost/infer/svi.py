@@ -31,6 +31,7 @@ from pyro.infer.autoguide import (
 from tqdm.auto import tqdm
 
 from .._errors import SamplerWarning, warn
+from .base import check_svi_args, default_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
@@ -131,24 +132,6 @@ def _batched_potential(post):
     return f
 
 
-def check_svi_args(guide, steps, lr, lr_decay, num_particles, average) -> None:
-    """Validate the SVI options shared by the Pyro and NumPyro backends."""
-    if guide not in _GUIDES:
-        raise ValueError(f"guide={guide!r} is not available; choose one of {sorted(_GUIDES)}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive; got {lr!r}")
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay must lie in (0, 1]; got {lr_decay!r}")
-    if int(num_particles) != num_particles or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer; got {num_particles!r}")
-    if not 0 <= average < 1:
-        raise ValueError(
-            f"average (fraction of final steps to average) must be in [0, 1); got {average}"
-        )
-
-
 def run_svi(
     post: LocalPosterior,
     *,
@@ -179,8 +162,8 @@ def run_svi(
     if init_scale is None:
         init_scale = 0.1 * min(sd, 1.0)
     kw = {"init_loc_fn": init_loc, "init_scale": float(init_scale)}
-    if guide == "lowrank" and rank is not None:
-        kw["rank"] = int(rank)
+    if guide == "lowrank":
+        kw["rank"] = default_rank(post.d) if rank is None else int(rank)
     losses = np.empty(int(steps))
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]), pyro.settings.context(module_local_params=True):
