@@ -8,10 +8,9 @@ features to preserve, and analyses it.
 Importing condpost never imports jax.
 """
 
-__version__ = "0.1.0"
-
 from . import info  # imports no jax
 from ._errors import CenterWarning, CondpostWarning, ConstraintWarning, SamplerWarning
+from ._version import __version__
 from .calibration import Sensitivity, calibrate, sensitivity
 from .constraints import (
     Activations,

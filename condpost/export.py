@@ -520,9 +520,7 @@ def to_jax(
         ``potential``, ``loss``, ``d``, ``dtype``, ``center``, ``ops``,
         ``export_seconds``.
     """
-    from .posterior import LocalPosterior
-
-    if not isinstance(post, LocalPosterior):
+    if not all(hasattr(post, a) for a in ("potential", "loss", "lifted", "center", "_replace")):
         raise TypeError(f"to_jax expects a LocalPosterior; got {type(post).__name__}")
     tdt = _torch_dtype(dtype, post.dtype)
     if tdt != post.dtype:

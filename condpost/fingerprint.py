@@ -72,8 +72,7 @@ def _update_code(h, fn) -> None:
     fn = getattr(fn, "__func__", fn)
     code = getattr(fn, "__code__", None)
     if code is None:
-        call = getattr(type(fn), "__call__", None)
-        code = getattr(call, "__code__", None)
+        code = getattr(vars(type(fn)).get("__call__"), "__code__", None)
     if code is None:
         h.update(repr(fn).encode())
         return
@@ -146,9 +145,11 @@ def fingerprint(post: LocalPosterior) -> dict:
     with torch.no_grad():
         k = min(8, post.n)
         resp = post.lifted.forward(post.center, post.x[:k])
-    resp = resp.detach().reshape(-1)[:64].cpu().double().numpy() if isinstance(
-        resp, torch.Tensor
-    ) else np.zeros(0)
+    resp = (
+        resp.detach().reshape(-1)[:64].cpu().double().numpy()
+        if isinstance(resp, torch.Tensor)
+        else np.zeros(0)
+    )
     out["response"] = [float(v) for v in resp]
     out["loss_center"] = float(post.loss_center)
 

@@ -21,13 +21,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ._errors import CenterWarning, check_finite, warn
+from ._errors import CenterWarning, check_finite, check_options, warn
 from .constraints import BoundConstraint, Constraint, ForwardView
 from .lifting import LiftedNetwork
 from .likelihoods import Likelihood, as_likelihood
 from .primitives import check_localization, lift, preserve, resolve_nbeta, temper
-
-SGMCMC_METHODS = ("sgld", "rmsprop_sgld", "sghmc", "sgnht")
 
 __all__ = ["LocalPosterior"]
 
@@ -258,12 +256,31 @@ class LocalPosterior:
         return {f"net.{k}": v for k, v in self.lifted.unflatten(self._as_w(w)).items()}
 
     # ------------------------------------------------------------------ batched evaluation
-    def evaluate(self, W: torch.Tensor, *, grad: bool = True, chunk: int = 256) -> dict:
+    def evaluate(
+        self,
+        W: torch.Tensor,
+        *,
+        grad: bool = True,
+        loss: bool = True,
+        defects: bool = True,
+        chunk: int = 256,
+    ) -> dict:
         """Per-draw statistics for draws ``W`` of shape ``[S, d]``.
 
-        Returns a dict of tensors ``[S]``: ``loss`` (L_n), ``defect/<name>`` (D_c), and
-        with ``grad=True`` ``virial`` = ``(w − w*)·∇U(w)``.
+        Returns a dict of tensors ``[S]``: ``loss`` (L_n) when ``loss``, ``defect/<name>``
+        (D_c) and ``exact/<name>/<key>`` when ``defects``, and with ``grad=True``
+        ``virial`` = ``(w − w*)·∇U(w)``.
         """
+        full = self._evaluate(W, grad=grad, chunk=chunk)
+        return {
+            k: v
+            for k, v in full.items()
+            if (k == "loss" and loss)
+            or (k == "virial" and grad)
+            or (k.startswith(("defect/", "exact/")) and defects)
+        }
+
+    def _evaluate(self, W: torch.Tensor, *, grad: bool, chunk: int) -> dict:
         W = self._as_w(W).reshape(-1, self.d)
         names = [f"defect/{b.name}" for b in self._bound]
         with torch.no_grad():
@@ -442,86 +459,49 @@ class LocalPosterior:
 
         Parameters
         ----------
-        method : {"nuts", "hmc", "chees", "sgld", "rmsprop_sgld", "sghmc", "sgnht"}
-            Sampler. NUTS/HMC are full-batch (THEORY §1.5); ``"chees"`` is many-chain
-            ChEES-HMC on JAX (``backend="jax"``, ``condpost.infer.chees.run_chees``); the
-            SG-MCMC methods use minibatches and vectorized chains (``condpost.infer.sgmcmc``).
+        method : str
+            A method of the registry (``condpost.infer.registry.methods()``): ``"nuts"``
+            and ``"hmc"`` (full batch), ``"chees"`` (many-chain HMC on JAX), ``"mala"``,
+            and the SG-MCMC methods ``"sgld"``, ``"rmsprop_sgld"``, ``"sghmc"``,
+            ``"sgnht"`` (minibatches, vectorized chains).
         chains : int
-            Number of chains (default 4). They run one after another, each started at
-            ``w*``.
+            Number of chains (default 4), each started at ``w*``.
         warmup : int
             Warmup (adaptation) iterations per chain, discarded (default 1000).
         draws : int
             Kept draws per chain (default 1000).
         seed : int
             Seed; each chain gets an independent stream derived from it.
-        backend : {"pyro", "numpyro", "jax", "torch"}, optional
-            Default per method: ``"pyro"`` for NUTS/HMC, ``"jax"`` for ChEES, ``"torch"``
-            for SG-MCMC.
-            Executor for NUTS/HMC: Pyro on torch, or NumPyro on the potential exported to
-            JAX (``condpost.export``; needs ``pip install condpost[jax]``). SG-MCMC methods
-            run on torch.
+        backend : str, optional
+            The executor. Default: the method's own, except that NUTS/HMC run on NumPyro
+            (the potential exported to JAX) when the model exports, and on Pyro otherwise,
+            with a one-line note saying why. ``backend="pyro"`` picks Pyro.
         progress : bool
-            Show a progress bar.
+            Show a progress bar (compilation included).
         **kwargs
-            Sampler options: ``target_accept`` (0.8), ``max_tree_depth`` (10),
-            ``dense_mass`` (False), ``step_size`` (initial, adapted), ``num_steps`` (HMC),
-            ``adapt_step_size``/``adapt_mass_matrix`` (True), ``init_jitter`` (0),
-            ``num_threads`` (torch intra-op threads while sampling; 1 is often several times
-            faster for small networks on CPU; default: leave torch's setting alone).
+            The method's options (an unknown name gets "did you mean"). NUTS/HMC:
+            ``target_accept`` (0.8), ``max_tree_depth`` (10), ``dense_mass`` (False),
+            ``step_size`` (initial, adapted), ``num_steps`` (HMC),
+            ``adapt_step_size``/``adapt_mass_matrix`` (True), ``init_jitter`` (0). On the
+            torch executors ``num_threads`` sets torch's intra-op threads while sampling;
+            by default the faster of one thread and torch's setting is timed and used, and
+            the user's setting is restored afterwards.
         """
-        method = method.lower()
-        if backend is None:
-            backend = {"chees": "jax"}.get(method, "torch" if method in SGMCMC_METHODS else "pyro")
-        for arg, v, lo in (("chains", chains, 1), ("draws", draws, 1), ("warmup", warmup, 0)):
-            if int(v) != v or v < lo:
-                raise ValueError(f"{arg} must be an integer ≥ {lo}; got {v!r}")
-        common = dict(
-            chains=int(chains),
-            warmup=int(warmup),
-            draws=int(draws),
-            seed=int(seed),
+        from .reference import ReferenceClass
+        from .run import sample
+
+        result = sample(
+            self,
+            method,
+            chains=chains,
+            warmup=warmup,
+            draws=draws,
+            seed=seed,
+            backend=backend,
             progress=progress,
+            **kwargs,
         )
-        if method in ("nuts", "hmc"):
-            if backend == "pyro":
-                from .infer.nuts import run_pyro_mcmc
-
-                return run_pyro_mcmc(self, method=method, **common, **kwargs)
-            if backend in ("numpyro", "jax"):
-                from .infer.numpyro import run_numpyro_mcmc
-
-                return run_numpyro_mcmc(self, method=method, **common, **kwargs)
-            raise ValueError(
-                f"backend={backend!r} is not available for method={method!r}; choose 'pyro' or "
-                f"'numpyro'"
-            )
-        if method == "chees":
-            if backend not in ("jax", "numpyro"):
-                raise ValueError(
-                    f"backend={backend!r} is not available for method='chees': many-chain "
-                    f"ChEES-HMC runs on the potential exported to JAX; pass backend='jax'"
-                )
-            from .infer.chees import run_chees
-
-            return run_chees(self, **common, **kwargs)
-        if method in SGMCMC_METHODS:
-            if backend not in ("pyro", "torch"):
-                raise ValueError(
-                    f"backend={backend!r} is not available for method={method!r}; SG-MCMC runs "
-                    f"on torch (backend='torch')"
-                )
-            from .infer.sgmcmc import run_sgmcmc
-
-            return run_sgmcmc(self, method=method, **common, **kwargs)
-        from ._errors import nearest
-
-        known = ["nuts", "hmc", "chees", *SGMCMC_METHODS]
-        raise ValueError(
-            f"method={method!r} is not available; choose one of {known}"
-            + (f" (did you mean {nearest(method, known)}?)" if nearest(method, known) else "")
-            + " (use .fit('svi') for variational inference)"
-        )
+        return ReferenceClass.from_result(self, result)
 
     def fit(
         self,
@@ -546,21 +526,21 @@ class LocalPosterior:
         lr : float
             Initial learning rate (default 0.01), decayed 100× over the run.
         """
-        if method.lower() != "svi":
-            raise ValueError(f"fit method={method!r} is not available; choose 'svi'")
-        if backend in ("numpyro", "jax"):
-            from .infer.numpyro import run_numpyro_svi
+        from .infer import registry
+        from .variational import SVIResult
 
-            return run_numpyro_svi(
-                self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs
+        m = registry.get(method, kind="vi")
+        backend = "numpyro" if backend == "jax" else backend
+        fn = registry.runner(m, backend)
+        names, var = registry.options(fn)
+        if not var:
+            check_options(
+                {k: v for k, v in kwargs.items() if k not in names},
+                names,
+                f"fit method={m.name!r} on backend={backend!r}",
             )
-        if backend != "pyro":
-            raise ValueError(f"backend={backend!r} is not available; choose 'pyro' or 'numpyro'")
-        from .infer.svi import run_svi
-
-        return run_svi(
-            self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs
-        )
+        fit = fn(self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs)
+        return SVIResult.from_fit(self, fit)
 
     # ------------------------------------------------------------------ metadata
     def fingerprint(self) -> dict:

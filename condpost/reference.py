@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ._errors import ConstraintWarning, SamplerWarning, warn
-from .slt import LLC, llc_from_losses
+from .infer.base import SampleResult
+from .llc import LLC, llc_from_losses
 
 if TYPE_CHECKING:  # pragma: no cover
     from .posterior import LocalPosterior
@@ -33,7 +34,7 @@ _FORMAT = "condpost.ReferenceClass/1"
 def _versions() -> dict[str, str]:
     import pyro
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "condpost": __version__,
@@ -173,6 +174,71 @@ class ReferenceClass:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def from_result(cls, post: LocalPosterior, result: SampleResult) -> ReferenceClass:
+        """Build from an executor's ``SampleResult``, computing only the missing statistics.
+
+        ``L_n``, the virial term ``(w − w*)·∇U`` and each constraint's defect are taken
+        from ``result.stats`` when the sampler measured them (ChEES, NumPyro and SG-MCMC
+        do) and evaluated here, in torch, only when absent. Draws after a non-finite one
+        are cut: every chain keeps the draws before the first non-finite draw of any
+        chain, and ``settings["fault"]`` says where it happened.
+        """
+        settings = dict(result.settings)
+        stats = {k: np.asarray(v) for k, v in result.stats.items()}
+        draws = result.draws
+        if result.fault:
+            settings["fault"] = result.fault
+        if draws is None:
+            ref = cls.from_stats(post, None, stats, settings=settings, store=result.store)
+            return ref
+        if isinstance(draws, torch.Tensor):
+            draws = draws.detach().cpu().numpy()
+        C, S, d = draws.shape
+        if not isinstance(draws, np.memmap) and S:
+            finite = np.isfinite(draws).all(-1)  # [C, S]
+            if not finite.all():
+                c_bad, s_bad = np.argwhere(~finite)[np.argmin(np.argwhere(~finite)[:, 1])]
+                keep = int(s_bad)
+                msg = (
+                    f"non-finite weights at chain {int(c_bad)}, draw {keep}: the sampler "
+                    f"diverged. Lower the step size or raise target_accept."
+                )
+                if keep == 0:
+                    raise FloatingPointError(msg + " No finite draw was completed before it.")
+                warn(
+                    f"{msg} The {keep} draw(s) per chain before it are kept (ref.settings"
+                    f"['fault']); later draws are dropped.",
+                    SamplerWarning,
+                )
+                settings["fault"] = msg
+                settings["draws_requested"] = settings.get("draws", S)
+                settings["draws"] = keep
+                draws = draws[:, :keep]
+                stats = {k: v[:, :keep] if v.ndim >= 2 and v.shape[1] == S else v
+                         for k, v in stats.items()}
+                S = keep
+        names = [f"defect/{b.name}" for b in post.constraints]
+        need_loss = "loss" not in stats
+        need_virial = "virial" not in stats
+        need_defects = any(nm not in stats for nm in names)
+        if need_loss or need_virial or need_defects:
+            flat = torch.as_tensor(np.ascontiguousarray(draws).reshape(C * S, d))
+            ev = post.evaluate(flat, grad=need_virial, loss=need_loss, defects=need_defects)
+            for k, v in ev.items():
+                stats.setdefault(k, v.reshape(C, S).cpu().numpy())
+        stats.setdefault("sampler/diverging", np.zeros((C, S), dtype=bool))
+        ref = cls(
+            draws=draws,
+            stats=stats,
+            center=post.center.detach().cpu().numpy(),
+            config=post.config(),
+            settings=settings,
+            posterior=post,
+        )
+        ref.store = result.store
+        return ref
+
+    @classmethod
     def from_draws(
         cls,
         post: LocalPosterior,
@@ -181,29 +247,9 @@ class ReferenceClass:
         settings: dict,
         sample_stats: dict | None = None,
     ) -> ReferenceClass:
-        C, S, d = W.shape
-        flat = W.reshape(C * S, d)
-        bad = ~torch.isfinite(flat).all(-1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise FloatingPointError(
-                f"{int(bad.sum())} draw(s) contain non-finite weights, the first at chain {i // S}, "
-                f"draw {i % S}: the sampler diverged. Lower the step size or raise target_accept."
-            )
-        ev = post.evaluate(flat, grad=True)
-        stats = {k: v.reshape(C, S).cpu().numpy() for k, v in ev.items()}
-        for k, v in (sample_stats or {}).items():
-            stats[f"sampler/{k}"] = np.asarray(v)
-        if "sampler/diverging" not in stats:
-            stats["sampler/diverging"] = np.zeros((C, S), dtype=bool)
-        return cls(
-            draws=W.detach().cpu().numpy(),
-            stats=stats,
-            center=post.center.detach().cpu().numpy(),
-            config=post.config(),
-            settings=settings,
-            posterior=post,
-        )
+        """Build from draws ``[chains, draws, d]``, evaluating every statistic in torch."""
+        stats = {f"sampler/{k}": np.asarray(v) for k, v in (sample_stats or {}).items()}
+        return cls.from_result(post, SampleResult(draws=W, stats=stats, settings=settings))
 
     @classmethod
     def from_stats(
@@ -325,12 +371,47 @@ class ReferenceClass:
         return self.posterior
 
     def attach(self, post: LocalPosterior) -> ReferenceClass:
-        """Attach the declaration (network, data) that produced these draws."""
+        """Attach the declaration (network, data) that produced these draws.
+
+        ``post`` must be that declaration: its fingerprint (``post.fingerprint()``: data,
+        likelihood, architecture, lifted weights, centre, nβ, γ, constraints) must match
+        the one recorded with the draws, else ``ValueError`` lists what differs. Draws
+        recorded without a fingerprint (older files) get a warning instead.
+        """
+        from ._errors import CondpostWarning
+        from .fingerprint import compare
+
+        where = self.store or getattr(self, "_source", None)
+        where = f"{str(where)!r}" if where else "these draws"
         if post.d != self.d or list(post.lifted.names) != list(self.config["lifted"]["names"]):
             raise ValueError(
-                f"the posterior lifts {post.d} weights ({post.lifted.names[:4]}...) but these draws "
+                f"the posterior lifts {post.d} weights ({post.lifted.names[:4]}...) but {where} "
                 f"have d={self.d} ({self.config['lifted']['names'][:4]}...)"
             )
+        stored, current = self.config.get("fingerprint"), post.fingerprint()
+        if not isinstance(stored, dict) or not stored:
+            warn(
+                f"{where} were recorded without a declaration fingerprint (by an older "
+                f"condpost): condpost cannot check that this posterior is the declaration "
+                f"that produced them",
+                CondpostWarning,
+            )
+        elif stored.get("version") != current.get("version"):
+            warn(
+                f"{where} carry a declaration fingerprint of version {stored.get('version')!r} "
+                f"(now {current.get('version')!r}): condpost cannot check that this posterior "
+                f"is the declaration that produced them",
+                CondpostWarning,
+            )
+        else:
+            diffs = compare(stored, current)
+            if diffs:
+                raise ValueError(
+                    f"{where} were produced by another declaration; differences: "
+                    f"{'; '.join(diffs)}. Analyses with this posterior would mix two different "
+                    f"posteriors: use the original declaration (network, data, likelihood, "
+                    f"constraints), or a new store path / file for draws of this one."
+                )
         self.posterior = post
         return self
 
@@ -519,7 +600,7 @@ class ReferenceClass:
             "sghmc",
             "sgnht",
         ):
-            from .slt import llc_sgmcmc
+            from .llc import llc_sgmcmc
 
             return llc_sgmcmc(self, estimator=estimator, warn_user=warn_user)
         return llc_from_losses(
@@ -659,8 +740,31 @@ class ReferenceClass:
             arrays[f"stat:{k}"] = v
         meta = json.dumps(self._metadata(), default=_json_default)
         arrays["metadata"] = np.array(meta)
-        with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
+        # atomic: a temporary file in the same folder, fsync, then os.replace, so a crash
+        # mid-save leaves the previous file (if any) intact
+        import os
+        import uuid
+
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if os.name == "posix":  # make the rename durable
+            try:
+                dfd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:  # pragma: no cover
+                pass
         return path
 
     @classmethod
@@ -671,15 +775,24 @@ class ReferenceClass:
             raise ValueError(
                 f"{path} is not a condpost ReferenceClass file (expected an npz archive)"
             )
-        with np.load(path, allow_pickle=False) as z:
-            if "metadata" not in z.files:
-                raise ValueError(f"{path} has no condpost metadata")
-            meta = json.loads(str(z["metadata"]))
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
-            draws = z["draws"] if "draws" in z.files else None
-            center = z["center"]
-            stats = {k[len("stat:") :]: z[k] for k in z.files if k.startswith("stat:")}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "metadata" not in z.files:
+                    raise ValueError(f"{path} has no condpost metadata")
+                meta = json.loads(str(z["metadata"]))
+                if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+                    fmt = meta.get("format") if isinstance(meta, dict) else meta
+                    raise ValueError(f"{path}: unknown format {fmt!r}")
+                missing = [k for k in ("config", "settings", "versions") if k not in meta]
+                if missing:
+                    raise ValueError(f"{path}: damaged metadata, missing {missing}")
+                draws = z["draws"] if "draws" in z.files else None
+                center = z["center"]
+                stats = {k[len("stat:") :]: z[k] for k in z.files if k.startswith("stat:")}
+        except ValueError:
+            raise
+        except Exception as e:  # a truncated or altered archive (zip CRC, short read, ...)
+            raise ValueError(f"{path}: damaged ReferenceClass file ({type(e).__name__}: {e})") from e
         ref = cls(
             draws=draws,
             stats=stats,
@@ -689,6 +802,7 @@ class ReferenceClass:
             versions=meta["versions"],
             created=meta.get("created"),
         )
+        ref._source = str(path)
         if posterior is not None:
             ref.attach(posterior)
         return ref

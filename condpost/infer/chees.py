@@ -64,7 +64,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import SamplerWarning, check_options, warn
+from .._errors import SamplerWarning, warn
+from .base import SampleResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
@@ -86,27 +87,6 @@ DIVERGENCE_THRESHOLD = 1000.0  # energy error counted as divergent (Stan, NumPyr
 _DA_GAMMA, _DA_T0, _DA_KAPPA = 0.05, 10.0, 0.75  # Hoffman & Gelman (2014), Alg. 5
 _WINDOW_ENDS = (0.1, 0.2, 0.4, 0.8)  # metric updates, as fractions of warmup
 _WINDOW_START = 0.05  # the first window skips the first 5% (transient from w*)
-_OPTIONS = (
-    "chains",
-    "warmup",
-    "draws",
-    "seed",
-    "progress",
-    "target_accept",
-    "init_jitter",
-    "superchains",
-    "x64",
-    "step_size",
-    "trajectory_length",
-    "max_leapfrog",
-    "learning_rate",
-    "warmup_jitter",
-    "adapt_step_size",
-    "adapt_trajectory",
-    "adapt_mass_matrix",
-    "block_size",
-    "devices",
-)
 
 
 # ---------------------------------------------------------------------------- diagnostics
@@ -607,6 +587,18 @@ def _pick_devices(chains: int, devices):
     return devs[:n]
 
 
+def _with_virial(step, center):
+    """``step`` whose info also carries ``virial`` ``[C]`` = ``(w − w*)·∇U(w)``; the new
+    state's ``g`` is the gradient at the recorded ``w``."""
+    import jax.numpy as jnp
+
+    def stepv(state, i, prm):
+        new, info = step(state, i, prm)
+        return new, {**info, "virial": jnp.sum((info["w"] - center) * new.g, axis=-1)}
+
+    return stepv
+
+
 def default_block_size(total: int) -> int:
     """About 20 blocks (at most 200 iterations each), sized to waste < 1 block-count of
     iterations at the end."""
@@ -636,6 +628,7 @@ def chees_sample(
     desc: str = "ChEES-HMC",
     keep=("w",),
     cache: dict | None = None,
+    center=None,
 ) -> dict:
     """Run ChEES-HMC on a JAX potential; the engine behind :func:`run_chees`.
 
@@ -650,8 +643,11 @@ def chees_sample(
     warmup, draws : int
         Adaptation iterations (discarded) and kept iterations.
     keep : tuple of str
-        Per-iteration fields to return for the draws, among ``"w"`` and ``"aux"`` (the
-        scalar statistics are always returned).
+        Per-iteration fields to return for the draws, among ``"w"``, ``"aux"`` and, when
+        ``center`` is given, ``"virial"`` (the scalar statistics are always returned).
+    center : jax.Array [d], optional
+        ``w*``: each iteration then also records the virial term ``(w − w*)·∇U(w)``
+        from the gradient the integrator already holds.
     cache : dict, optional
         Compiled programs are stored here, keyed by shapes, dtype, block size and
         devices, and reused by later calls with the same ``fn`` (the caller keys the
@@ -698,7 +694,7 @@ def chees_sample(
         jnp.asarray(trajectory_length is None),
     )
     ikey = ("init", C, d, str(dtype))
-    bkey = ("block", C, d, str(dtype), block_size, tuple(str(x) for x in devs))
+    bkey = ("block", C, d, str(dtype), block_size, tuple(str(x) for x in devs), center is not None)
     was_cached = ikey in cache and bkey in cache
     if ikey not in cache:
         cache[ikey] = jax.jit(partial(chees_init, fn)).lower(*init_args).compile()
@@ -715,7 +711,10 @@ def chees_sample(
         state = _shard_state(state, devs)
     t1 = time.perf_counter()
     if bkey not in cache:
-        block = _make_block(make_step(fn), block_size)
+        step = make_step(fn)
+        if center is not None:
+            step = _with_virial(step, center)
+        block = _make_block(step, block_size)
         cache[bkey] = jax.jit(block).lower(state, jnp.asarray(0, jnp.int32), prm).compile()
     compiled = cache[bkey]
     compile_s = time.perf_counter() - t1
@@ -790,6 +789,7 @@ def _check_int(name, v, lo):
 def run_chees(
     post: LocalPosterior,
     *,
+    method: str = "chees",
     chains: int = 64,
     warmup: int = 1000,
     draws: int = 1000,
@@ -809,7 +809,6 @@ def run_chees(
     adapt_mass_matrix: bool = True,
     block_size: int | None = None,
     devices=None,
-    **unknown,
 ):
     """Many-chain ChEES-HMC on ``post``'s potential exported to JAX.
 
@@ -871,9 +870,6 @@ def run_chees(
         gradient evaluations, warmup divergences, devices and ``nested_rhat``
         (``L_n`` and the worst coordinate).
     """
-    from ..reference import ReferenceClass
-
-    check_options(unknown, _OPTIONS, "method='chees'")
     chains = _check_int("chains", chains, 2)
     warmup = _check_int("warmup", warmup, 0)
     draws = _check_int("draws", draws, 1)
@@ -906,12 +902,6 @@ def run_chees(
             f"chains={chains}: ChEES adapts from across-chain statistics and is meant for many "
             f"chains (e.g. 64–256); with few chains its step size and trajectory length are "
             f"noisy. Use method='nuts' for a handful of chains.",
-            SamplerWarning,
-        )
-    if warmup < 100:
-        warn(
-            f"warmup={warmup} is very short for ChEES: the step size, trajectory length and "
-            f"metric adapt over a few hundred iterations.",
             SamplerWarning,
         )
     try:
@@ -953,23 +943,14 @@ def run_chees(
             devices=devices,
             progress=progress,
             desc=f"ChEES-HMC {chains} chains",
-            keep=("w",),
+            keep=("w", "aux", "virial"),
             cache=cache,
+            center=center,
         )
     W = np.swapaxes(res["draws"]["w"], 0, 1)  # [C, S, d]
     stats = {k: np.swapaxes(v, 0, 1) for k, v in res["stats"].items()}
     stats["diverging"] = stats["diverging"].astype(bool)
     stats["num_steps"] = stats["num_steps"].astype(np.int64)
-    ndiv = int(stats["diverging"].sum())
-    if ndiv:
-        warn(
-            f"{ndiv} divergent transition(s) after warmup (per chain, first 8: "
-            f"{stats['diverging'].sum(1)[:8].tolist()}). The draws are kept and flagged "
-            f"(ReferenceClass.diverging), but estimates may be biased. Lower target_accept's "
-            f"gap to 1 (e.g. target_accept=0.8), lengthen warmup, loosen very tight "
-            f"tolerances, or increase localization.",
-            SamplerWarning,
-        )
     adapted = res["adapted"]
     inv_mass = adapted["inv_mass"]
     settings = {
@@ -1008,12 +989,15 @@ def run_chees(
         "jax_devices": res["devices"],
         "versions": _versions(),
     }
-    Wt = torch.as_tensor(W).to(dtype=post.dtype, device=post.device)
-    ref = ReferenceClass.from_draws(post, Wt, settings=settings, sample_stats=stats)
+    loss = np.swapaxes(np.asarray(res["draws"]["aux"]), 0, 1).astype(np.float64)
+    virial = np.swapaxes(np.asarray(res["draws"]["virial"]), 0, 1).astype(np.float64)
     # recorded, not warned about: with very short chains its stationary value (and the
     # ESS it is judged by) is itself uncertain; docs/chees.md explains how to read it
-    ref.settings["nested_rhat"] = _nested_rhat_report(ref.loss(), W, superchains)
-    return ref
+    settings["nested_rhat"] = _nested_rhat_report(loss, W, superchains)
+    out = {f"sampler/{k}": v for k, v in stats.items()}
+    out["loss"], out["virial"] = loss, virial
+    W = W.astype(torch.empty((), dtype=post.dtype).numpy().dtype, copy=False)
+    return SampleResult(draws=W, stats=out, settings=settings)
 
 
 def _nested_rhat_report(loss, W, superchains: int) -> dict:

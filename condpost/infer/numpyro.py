@@ -1,4 +1,6 @@
-"""NumPyro NUTS/HMC and SVI on the potential exported to JAX (``condpost.export``).
+"""NumPyro NUTS/HMC on the potential exported to JAX (``condpost.export``).
+
+SVI on the same export lives in ``condpost.infer.numpyro_svi``.
 
 The declaration is the same ``LocalPosterior`` the Pyro backend uses; its potential
 
@@ -29,7 +31,6 @@ computations with the same target.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING
 
@@ -37,35 +38,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import SamplerWarning, check_options, warn
-from .base import chain_seeds
+from .base import SampleResult, chain_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
 
-__all__ = ["run_numpyro_mcmc", "run_numpyro_svi", "export_potential"]
+__all__ = ["run_numpyro_mcmc", "export_potential"]
 
 _CHAIN_METHODS = ("vectorized", "parallel", "sequential")
-_MCMC_OPTIONS = (
-    "method",
-    "chains",
-    "warmup",
-    "draws",
-    "seed",
-    "progress",
-    "target_accept",
-    "max_tree_depth",
-    "dense_mass",
-    "step_size",
-    "num_steps",
-    "init_jitter",
-    "adapt_step_size",
-    "adapt_mass_matrix",
-    "chain_method",
-    "x64",
-    "block_size",
-    "num_threads",
-)
 
 
 def _import_jax():
@@ -78,10 +58,6 @@ def _import_jax():
             f"(import failed: {e})"
         ) from e
     return jax
-
-
-def _unknown(kwargs: dict, known) -> None:
-    check_options(kwargs, known, "backend='numpyro'")
 
 
 def _use_x64(post, x64) -> bool:
@@ -142,6 +118,18 @@ def jp_cache(post, use64: bool) -> dict:
     return entry
 
 
+def cached_export(post, x64: bool | None = None):
+    """The posterior's JAX export in its precision, cached on the declaration.
+
+    Raises ``condpost.export.UnsupportedOpError`` (a ``NotImplementedError``) when the
+    model uses an op the export does not lower; the driver then falls back to Pyro.
+    """
+    jax = _import_jax()
+    use64 = _use_x64(post, x64)
+    with jax.enable_x64(use64):
+        return _cached_export(post, use64)[0]
+
+
 def _cached_export(post, use64: bool):
     """``(jp, export_seconds, cached)``; export time is 0 for a cached export."""
     cache = jp_cache(post, use64)
@@ -187,6 +175,7 @@ def _make_kernel(
 
 # ---------------------------------------------------------------------------- MCMC
 _FIELDS = ("diverging", "num_steps", "accept_prob", "step_size", "potential_energy", "energy")
+_MEASURED = ("loss", "virial")
 
 
 def _record(state):
@@ -202,20 +191,40 @@ def _record(state):
     }
 
 
-def _make_block(sample, block: int):
+def _measure(loss_fn, center):
+    """``state -> {"loss": L_n(z), "virial": (z − w*)·∇U(z)}`` for one chain or a batch.
+
+    The kernel already holds ∇U at z (``z_grad``), so the virial term is free; ``L_n``
+    costs one forward pass. The driver then re-evaluates nothing in torch.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def measure(state):
+        z = state.z
+        loss = jax.vmap(loss_fn)(z) if z.ndim == 2 else loss_fn(z)
+        return {"loss": loss, "virial": jnp.sum((z - center) * state.z_grad, axis=-1)}
+
+    return measure
+
+
+def _make_block(sample, block: int, measure):
     """``(state, n) -> (state, buffers)``: ``n ≤ block`` kernel steps in one compiled loop."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
+    def record(st):
+        return {**_record(st), **measure(st)}
+
     def run(state, n):
-        proto = _record(state)
+        proto = record(state)
         bufs = {k: jnp.zeros((block,) + v.shape, v.dtype) for k, v in proto.items()}
 
         def body(i, carry):
             st, bf = carry
             st = sample(st)
-            rec = _record(st)
+            rec = record(st)
             bf = {k: lax.dynamic_update_index_in_dim(bf[k], rec[k], i, 0) for k in bf}
             return st, bf
 
@@ -246,7 +255,6 @@ def run_numpyro_mcmc(
     x64: bool | None = None,
     block_size: int | None = None,
     num_threads: int | None = None,
-    **unknown,
 ):
     """NUTS or HMC with NumPyro on the exported potential; returns a ``ReferenceClass``.
 
@@ -279,9 +287,6 @@ def run_numpyro_mcmc(
         draw, and ``settings`` recording the backend, export and compile times and the
         number of gradient evaluations.
     """
-    from ..reference import ReferenceClass
-
-    _unknown(unknown, _MCMC_OPTIONS)
     jax = _import_jax()
     import jax.numpy as jnp
 
@@ -326,12 +331,6 @@ def run_numpyro_mcmc(
             f"devices; found {ndev}. Use chain_method='vectorized' (one device), lower chains, "
             f"or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={chains} before "
             f"importing jax."
-        )
-    if warmup < 50:
-        warn(
-            f"warmup={warmup} is very short: step-size and mass-matrix adaptation need a few "
-            f"hundred steps, and with ~20 warmup steps NUTS can return all draws divergent.",
-            SamplerWarning,
         )
     total = warmup + draws
     if block_size is None:
@@ -381,7 +380,9 @@ def run_numpyro_mcmc(
             states = [kernel.init(run_keys[c], warmup, init_params=W0[c]) for c in range(chains)]
             state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
         if hit is None:
-            block = _make_block(lambda st: kernel.sample(st, (), {}), block_size)
+            block = _make_block(
+                lambda st: kernel.sample(st, (), {}), block_size, _measure(jp.loss, center)
+            )
             if chain_method == "vectorized":
                 compiled = jax.jit(block).lower(state, 0).compile()
                 batch_axis = 1  # buffers [block, chains, ...]
@@ -395,7 +396,7 @@ def run_numpyro_mcmc(
         compile_s = time.perf_counter() - t0
 
         out = np.empty((chains, draws, post.d), dtype=np.float64 if use64 else np.float32)
-        stats = {k: np.zeros((chains, draws), dtype=np.float64) for k in _FIELDS}
+        stats = {k: np.zeros((chains, draws), dtype=np.float64) for k in _FIELDS + _MEASURED}
         stats["diverging"] = np.zeros((chains, draws), dtype=bool)
         stats["num_steps"] = np.zeros((chains, draws), dtype=np.int64)
         warm_grads = np.zeros(chains, dtype=np.int64)
@@ -423,7 +424,7 @@ def run_numpyro_mcmc(
                         else:
                             s = i - warmup
                             out[c_slice, s] = bufs["z"][j]
-                            for k in _FIELDS:
+                            for k in _FIELDS + _MEASURED:
                                 stats[k][c_slice, s] = bufs[k][j]
                     done += nb
                     if progress:
@@ -450,26 +451,18 @@ def run_numpyro_mcmc(
 
     grads = int(warm_grads.sum() + stats["num_steps"].sum() + chains)  # + one at each init
     diverging = stats["diverging"]
-    ndiv = int(diverging.sum())
-    if ndiv:
-        warn(
-            f"{ndiv} divergent transition(s) after warmup (per chain: "
-            f"{diverging.sum(1).tolist()}). The draws are kept and flagged "
-            f"(ReferenceClass.diverging), but estimates may be biased. Raise target_accept "
-            f"(e.g. 0.95), lengthen warmup, loosen very tight tolerances, or increase "
-            f"localization.",
-            SamplerWarning,
-        )
     sample_stats = {
-        "diverging": diverging,
-        "num_steps": stats["num_steps"],
-        "tree_depth": np.where(
+        "loss": stats["loss"],
+        "virial": stats["virial"],
+        "sampler/diverging": diverging,
+        "sampler/num_steps": stats["num_steps"],
+        "sampler/tree_depth": np.where(
             stats["num_steps"] > 0, np.floor(np.log2(np.maximum(stats["num_steps"], 1))) + 1, 0
         ).astype(np.int64),
-        "accept_prob": stats["accept_prob"],
-        "step_size": stats["step_size"],
-        "potential_energy": stats["potential_energy"],
-        "energy": stats["energy"],
+        "sampler/accept_prob": stats["accept_prob"],
+        "sampler/step_size": stats["step_size"],
+        "sampler/potential_energy": stats["potential_energy"],
+        "sampler/energy": stats["energy"],
     }
     settings = {
         "method": method,
@@ -501,8 +494,13 @@ def run_numpyro_mcmc(
         "jax_devices": [str(d) for d in jax.devices()],
         "versions": _jax_versions(),
     }
-    W = torch.as_tensor(out).to(dtype=post.dtype, device=post.device)
-    return ReferenceClass.from_draws(post, W, settings=settings, sample_stats=sample_stats)
+    if out.dtype != _np_dtype(post.dtype):
+        out = out.astype(_np_dtype(post.dtype))
+    return SampleResult(draws=out, stats=sample_stats, settings=settings)
+
+
+def _np_dtype(dtype: torch.dtype):
+    return torch.empty((), dtype=dtype).numpy().dtype
 
 
 def _jax_versions() -> dict:
@@ -510,277 +508,3 @@ def _jax_versions() -> dict:
     import numpyro
 
     return {"jax": jax.__version__, "numpyro": numpyro.__version__}
-
-
-# ---------------------------------------------------------------------------- SVI
-def run_numpyro_svi(
-    post: LocalPosterior,
-    *,
-    guide: str = "normal",
-    steps: int = 2000,
-    seed: int = 0,
-    lr: float = 0.01,
-    lr_decay: float = 0.01,
-    num_particles: int = 1,
-    rank: int | None = None,
-    init_scale: float | None = None,
-    average: float = 0.25,
-    progress: bool = True,
-    x64: bool | None = None,
-    block_size: int | None = None,
-    **unknown,
-):
-    """Jitted SVI in JAX on the exported potential; the same guides as the Pyro side.
-
-    The target is ``exp(−U(w))``; the guides are Gaussians over the flat ``w`` started at
-    ``w*``:
-
-    * ``"normal"``: ``N(m, diag(s²))``, ``s = softplus(ŝ)``;
-    * ``"lowrank"``: ``N(m, FFᵀ + diag(s²))`` with ``F = V·diag(s)``, ``V`` of
-      ``rank`` columns (default ``⌈√d⌉``) initialised ``N(0, 1/rank)``;
-    * ``"mvn"``: ``N(m, LLᵀ)`` with ``L = diag(s)·T``, ``T`` unit lower triangular.
-
-    The negative ELBO ``E_q[U(w) + log q(w)] − (d/2)log(γ/2π)`` is minimised with Adam
-    (Kingma & Ba 2015; learning rate decayed geometrically by ``lr_decay`` over the run)
-    using the reparameterised "sticking the landing" gradient (Roeder, Wu & Duvenaud
-    2017: ``log q`` evaluated with stopped parameters). The returned moments are
-    Polyak–Ruppert averages over the final ``average`` fraction of steps.
-
-    Returns
-    -------
-    condpost.infer.svi.SVIResult
-        ``.mean``, ``.covariance()``, ``.sample(n, seed=...)`` → ``ReferenceClass``.
-    """
-    from .base import check_svi_args, default_rank
-    from .svi import SVIResult
-
-    _unknown(
-        unknown,
-        (
-            "guide",
-            "steps",
-            "seed",
-            "lr",
-            "lr_decay",
-            "num_particles",
-            "rank",
-            "init_scale",
-            "average",
-            "progress",
-            "x64",
-            "block_size",
-        ),
-    )
-    check_svi_args(guide, steps, lr, lr_decay, num_particles, average)
-    jax = _import_jax()
-    import jax.numpy as jnp
-    from jax import lax
-
-    steps = int(steps)
-    d = post.d
-    sd = post.localization**-0.5
-    if init_scale is None:
-        init_scale = 0.1 * min(sd, 1.0)
-    if not init_scale > 0:
-        raise ValueError(f"init_scale must be positive; got {init_scale!r}")
-    if rank is None:
-        rank = default_rank(d)
-    if guide == "lowrank" and (int(rank) != rank or rank < 1):
-        raise ValueError(f"rank must be a positive integer; got {rank!r}")
-    rank = int(rank)
-    if block_size is None:
-        block_size = int(min(500, max(1, math.ceil(steps / 20))))
-    use64 = _use_x64(post, x64)
-    avg_from = steps - int(average * steps)
-    log_norm = 0.5 * d * math.log(post.localization / (2 * math.pi))
-    gamma = float(lr_decay) ** (1.0 / max(steps, 1))
-
-    def softplus_inv(y):
-        return y + math.log(-math.expm1(-y))
-
-    with jax.enable_x64(use64):
-        jp, export_s, _ = _cached_export(post, use64)
-        U = jp.potential
-        fdtype = jnp.float64 if use64 else jnp.float32
-        center = jnp.asarray(post.center.detach().cpu().numpy(), dtype=fdtype)
-        key = jax.random.PRNGKey(int(seed))
-        key, kinit = jax.random.split(key)
-        s0 = jnp.full((d,), softplus_inv(float(init_scale)), fdtype)
-        params = {"loc": center + 0.0, "raw_scale": s0}
-        if guide == "lowrank":
-            params["V"] = jax.random.normal(kinit, (d, rank), fdtype) / math.sqrt(rank)
-        elif guide == "mvn":
-            params["T"] = jnp.zeros((d, d), fdtype)
-        tril = jnp.tril(jnp.ones((d, d), bool), -1)
-
-        def moments(p):
-            s = jax.nn.softplus(p["raw_scale"])
-            if guide == "normal":
-                return {"loc": p["loc"], "var": s * s}
-            if guide == "lowrank":
-                return {"loc": p["loc"], "cov_factor": p["V"] * s[:, None], "cov_diag": s * s}
-            L = s[:, None] * (jnp.where(tril, p["T"], 0.0) + jnp.eye(d, dtype=fdtype))
-            return {"loc": p["loc"], "cov": L @ L.T, "L": L}
-
-        def sample_logq(p, eps, eps2):
-            """Reparameterised draw and log q at stopped parameters (STL)."""
-            m = moments(p)
-            ms = jax.tree.map(lax.stop_gradient, m)
-            if guide == "normal":
-                s = jnp.sqrt(m["var"])
-                w = m["loc"] + s * eps
-                ss = jnp.sqrt(ms["var"])
-                z = (w - ms["loc"]) / ss
-                logq = (
-                    -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(ss)) - 0.5 * d * math.log(2 * math.pi)
-                )
-                return w, logq
-            half_log2pi = 0.5 * d * math.log(2 * math.pi)
-            if guide == "lowrank":
-                # Σ = D + FFᵀ: Woodbury identity and the matrix determinant lemma with the
-                # r×r capacitance K = I + FᵀD⁻¹F (no d×d factorisation)
-                F, s2 = m["cov_factor"], m["cov_diag"]
-                w = m["loc"] + F @ eps2 + jnp.sqrt(s2) * eps
-                Fs, s2s = ms["cov_factor"], ms["cov_diag"]
-                r = w - ms["loc"]
-                Dinv_r = r / s2s
-                K = jnp.eye(rank, dtype=fdtype) + Fs.T @ (Fs / s2s[:, None])
-                Lk = jnp.linalg.cholesky(K)
-                y = jax.scipy.linalg.solve_triangular(Lk, Fs.T @ Dinv_r, lower=True)
-                quad = r @ Dinv_r - y @ y
-                logdet = jnp.sum(jnp.log(s2s)) + 2 * jnp.sum(jnp.log(jnp.diag(Lk)))
-                return w, -0.5 * quad - 0.5 * logdet - half_log2pi
-            # mvn: L = diag(s)·T is the Cholesky factor itself (unit-diagonal T, s > 0)
-            w = m["loc"] + m["L"] @ eps
-            z = jax.scipy.linalg.solve_triangular(ms["L"], w - ms["loc"], lower=True)
-            logq = -0.5 * jnp.sum(z * z) - jnp.sum(jnp.log(jnp.diag(ms["L"]))) - half_log2pi
-            return w, logq
-
-        def loss_fn(p, k):
-            ka, kb = jax.random.split(k)
-            eps = jax.random.normal(ka, (int(num_particles), d), fdtype)
-            eps2 = jax.random.normal(kb, (int(num_particles), rank), fdtype)
-
-            def one(e, e2):
-                w, logq = sample_logq(p, e, e2)
-                return U(w) + logq
-
-            return jnp.mean(jax.vmap(one)(eps, eps2)) - log_norm
-
-        vg = jax.value_and_grad(loss_fn)
-        b1, b2, eps_adam = 0.9, 0.999, 1e-8
-
-        def adam_step(p, opt, g):
-            # torch.optim.Adam semantics (bias-corrected moments), lr_t = lr·γ^t
-            t0_, m0, v0 = opt
-            t = t0_ + 1
-            m = jax.tree.map(lambda a, b: b1 * a + (1 - b1) * b, m0, g)
-            v = jax.tree.map(lambda a, b: b2 * a + (1 - b2) * b * b, v0, g)
-            lr_t = float(lr) * gamma ** (t - 1).astype(fdtype)
-            bc1 = 1 - b1 ** t.astype(fdtype)
-            bc2 = 1 - b2 ** t.astype(fdtype)
-            p = jax.tree.map(
-                lambda x, a, b: x - lr_t * (a / bc1) / (jnp.sqrt(b / bc2) + eps_adam), p, m, v
-            )
-            return p, (t, m, v)
-
-        def avg_moments(p):
-            m = moments(p)
-            m.pop("L", None)
-            return m
-
-        def run_block(carry, n):
-            def body(i, c):
-                p, (t, m1, v1), k, acc, navg, losses = c
-                k, sub = jax.random.split(k)
-                val, g = vg(p, sub)
-                p, (t, m1, v1) = adam_step(p, (t, m1, v1), g)
-                losses = lax.dynamic_update_index_in_dim(losses, val, i, 0)
-                take = t > avg_from  # step index t-1 ≥ avg_from
-                navg2 = navg + take.astype(fdtype)
-                cur = avg_moments(p)
-                acc = jax.tree.map(
-                    lambda a, x: jnp.where(take, a + (x - a) / jnp.maximum(navg2, 1.0), a), acc, cur
-                )
-                return p, (t, m1, v1), k, acc, navg2, losses
-
-            p, opt, k, acc, navg = carry
-            losses = jnp.zeros((block_size,), fdtype)
-            p, opt, k, acc, navg, losses = lax.fori_loop(0, n, body, (p, opt, k, acc, navg, losses))
-            return (p, opt, k, acc, navg), losses
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        opt0 = (jnp.asarray(0, jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
-        acc0 = jax.tree.map(jnp.zeros_like, avg_moments(params))
-        carry = (params, opt0, key, acc0, jnp.asarray(0.0, fdtype))
-        t0 = time.perf_counter()
-        compiled = jax.jit(run_block).lower(carry, 0).compile()
-        compile_s = time.perf_counter() - t0
-        losses = np.empty(steps)
-        t1 = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"SVI ({guide}, numpyro)", disable=not progress, leave=False)
-        done = 0
-        try:
-            while done < steps:
-                nb = min(block_size, steps - done)
-                carry, ls = compiled(carry, nb)
-                losses[done : done + nb] = np.asarray(ls[:nb], dtype=np.float64)
-                if not np.all(np.isfinite(losses[done : done + nb])):
-                    i = done + int(np.argmin(np.isfinite(losses[done : done + nb])))
-                    raise FloatingPointError(
-                        f"SVI loss became non-finite at step {i}; lower lr (now {lr}) or init_scale"
-                    )
-                done += nb
-                if progress:
-                    bar.set_postfix(loss=f"{losses[done - 1]:.4g}", refresh=False)
-                bar.update(nb)
-        finally:
-            bar.close()
-        run_s = time.perf_counter() - t1
-        params, _, _, acc, navg = carry
-        if float(navg) == 0:
-            acc = avg_moments(params)
-        acc = {k: torch.from_numpy(np.array(v)) for k, v in acc.items()}
-
-    tdt = post.dtype
-    acc = {k: v.to(dtype=tdt, device=post.device) for k, v in acc.items()}
-    if guide == "normal":
-        fitted = torch.distributions.Independent(
-            torch.distributions.Normal(acc["loc"], acc["var"].sqrt()), 1
-        )
-    elif guide == "lowrank":
-        fitted = torch.distributions.LowRankMultivariateNormal(
-            acc["loc"], acc["cov_factor"], acc["cov_diag"]
-        )
-    else:
-        fitted = torch.distributions.MultivariateNormal(acc["loc"], covariance_matrix=acc["cov"])
-    if len(losses) >= 200:
-        k = len(losses) // 10
-        tail, before = losses[-k:], losses[-3 * k : -k]
-        if np.mean(tail) > np.mean(before) + 4 * np.std(before) / np.sqrt(len(before)) + 1e-9:
-            warn(
-                "the SVI loss rose over the last tenth of the run; the fit may not have "
-                "converged. Lower lr or raise steps.",
-                SamplerWarning,
-            )
-    settings = {
-        "method": "svi",
-        "backend": "numpyro",
-        "guide": guide,
-        "steps": steps,
-        "seed": int(seed),
-        "lr": float(lr),
-        "lr_decay": float(lr_decay),
-        "num_particles": int(num_particles),
-        "rank": rank if guide == "lowrank" else None,
-        "init_scale": float(init_scale),
-        "average": float(average),
-        "x64": use64,
-        "export_time_s": export_s,
-        "compile_time_s": compile_s,
-        "run_time_s": run_s,
-        "wall_time_s": compile_s + run_s,
-        "gradient_evaluations": steps * int(num_particles),
-        "versions": _jax_versions(),
-    }
-    return SVIResult(post, guide, fitted, losses, settings)

@@ -16,8 +16,7 @@ import torch
 from pyro.infer.mcmc import HMC, NUTS
 from tqdm.auto import tqdm
 
-from .._errors import SamplerWarning, warn
-from .base import chain_seeds
+from .base import SampleResult, chain_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
@@ -42,18 +41,9 @@ def run_pyro_mcmc(
     init_jitter: float = 0.0,
     adapt_step_size: bool = True,
     adapt_mass_matrix: bool = True,
-    num_threads: int | None = None,
-):
-    from ..reference import ReferenceClass
-
+) -> SampleResult:
     if not 0 < target_accept < 1:
         raise ValueError(f"target_accept must lie in (0, 1); got {target_accept}")
-    if warmup < 50:
-        warn(
-            f"warmup={warmup} is very short: step-size and mass-matrix adaptation need a few "
-            f"hundred steps, and with ~20 warmup steps NUTS can return all draws divergent.",
-            SamplerWarning,
-        )
     counter = {"grads": 0}
 
     def potential_fn(z):
@@ -76,32 +66,15 @@ def run_pyro_mcmc(
         return HMC(num_steps=int(num_steps or 16), **kw)
 
     seeds = chain_seeds(seed, chains)
-    prev_threads = torch.get_num_threads()
-    if num_threads is not None:
-        # small networks on CPU: one intra-op thread is often several times faster
-        torch.set_num_threads(int(num_threads))
     t0 = time.perf_counter()
-    try:
-        out, diverging, step_sizes, accept = _run_chains(
-            post, make_kernel, method, warmup, draws, seeds, progress, init_jitter
-        )
-    finally:
-        torch.set_num_threads(prev_threads)
+    out, diverging, step_sizes, accept, fault = _run_chains(
+        post, make_kernel, method, warmup, draws, seeds, progress, init_jitter
+    )
     wall = time.perf_counter() - t0
-    ndiv = int(diverging.sum())
-    if ndiv:
-        per_chain = diverging.sum(1).tolist()
-        warn(
-            f"{ndiv} divergent transition(s) after warmup (per chain: {per_chain}). The draws are "
-            f"kept and flagged (ReferenceClass.diverging), but estimates may be biased. Raise "
-            f"target_accept (e.g. 0.95), lengthen warmup, loosen very tight tolerances, or "
-            f"increase localization.",
-            SamplerWarning,
-        )
     info = {
-        "diverging": diverging,
-        "step_size": step_sizes,
-        "accept_prob": accept,
+        "sampler/diverging": diverging,
+        "sampler/step_size": step_sizes,
+        "sampler/accept_prob": accept,
     }
     settings = {
         "method": method,
@@ -116,15 +89,23 @@ def run_pyro_mcmc(
         "dense_mass": bool(dense_mass),
         "num_steps": num_steps,
         "init_jitter": init_jitter,
-        "num_threads": num_threads,
         "wall_time_s": wall,
         "gradient_evaluations": counter["grads"],
     }
-    return ReferenceClass.from_draws(post, out, settings=settings, sample_stats=info)
+    if fault is not None:
+        settings["draws_requested"] = draws
+        settings["chains_requested"] = chains
+        settings["chains"], settings["draws"] = int(out.shape[0]), int(out.shape[1])
+    return SampleResult(draws=out, stats=info, settings=settings, fault=fault)
 
 
 def _run_chains(post, make_kernel, method, warmup, draws, seeds, progress, init_jitter):
-    """Run one kernel per seed from w*; returns draws, divergence flags, step sizes, accept."""
+    """Run one kernel per seed from w*.
+
+    Returns draws ``[C, S, d]``, divergence flags, step sizes, acceptance and a fault
+    message (None when every chain finished). When a chain raises, the chains completed
+    before it are returned whole; if it was the first, its draws before the fault are.
+    """
     chains = len(seeds)
     out = torch.empty(chains, draws, post.d, dtype=post.dtype, device=post.device)
     diverging = np.zeros((chains, draws), dtype=bool)
@@ -147,6 +128,7 @@ def _run_chains(post, make_kernel, method, warmup, draws, seeds, progress, init_
                 leave=False,
                 dynamic_ncols=True,
             )
+            i = -1
             try:
                 for i in range(warmup + draws):
                     params = kernel.sample(params)
@@ -160,6 +142,21 @@ def _run_chains(post, make_kernel, method, warmup, draws, seeds, progress, init_
                             refresh=False,
                         )
                     bar.update(1)
+            except (RuntimeError, ValueError, FloatingPointError) as e:
+                fault = f"chain {c} stopped at iteration {i} ({type(e).__name__}: {e})"
+                if c > 0:
+                    keep_c, keep_s = c, draws
+                elif i > warmup:
+                    keep_c, keep_s = 1, i - warmup
+                else:
+                    raise
+                return (
+                    out[:keep_c, :keep_s],
+                    diverging[:keep_c, :keep_s],
+                    step_sizes[:keep_c],
+                    accept[:keep_c],
+                    fault,
+                )
             finally:
                 bar.close()
             div = [i for i in kernel._divergences if 0 <= i < draws]
@@ -167,4 +164,4 @@ def _run_chains(post, make_kernel, method, warmup, draws, seeds, progress, init_
             step_sizes[c] = float(kernel.step_size)
             accept[c] = float(kernel._mean_accept_prob)
             kernel.cleanup()
-    return out, diverging, step_sizes, accept
+    return out, diverging, step_sizes, accept, None

@@ -80,10 +80,10 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import SamplerWarning, warn
+from .base import SampleResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
-    from ..reference import ReferenceClass
 
 __all__ = [
     "SGMCMCState",
@@ -938,8 +938,8 @@ def run_sgmcmc(
     callback: Callable | None = None,
     num_threads: int | None = None,
     _prior: dict | None = None,
-) -> ReferenceClass:
-    """Run vectorized SG-MCMC chains from ``w*`` and return a ``ReferenceClass``.
+) -> SampleResult:
+    """Run vectorized SG-MCMC chains from ``w*`` and return a ``SampleResult``.
 
     Called by ``LocalPosterior.sample("sgld" | "rmsprop_sgld" | "sghmc" | "sgnht", ...)``.
 
@@ -1014,7 +1014,6 @@ def run_sgmcmc(
     num_threads : int, optional
         torch intra-op threads while sampling.
     """
-    from ..reference import ReferenceClass
     from ..store import RunStore
 
     method = _check_method(method)
@@ -1327,9 +1326,12 @@ def run_sgmcmc(
                 xs.clear()
             kept_t.clear()
             kept_s.clear()
+            flushed[0] = s0 + k
 
     t0 = time.perf_counter()
     chunk_start = done
+    flushed = [done]  # draws whose weights and statistics are recorded
+    fault = None
     pending: list[np.ndarray] = []
     last_loss = float("nan")
     center = post.center
@@ -1396,6 +1398,10 @@ def run_sgmcmc(
                     )
                 bar.update(1)
         flush()
+    except BaseException:
+        if rs is not None:
+            rs.close()  # release the store's writer lock (its last checkpoint stays)
+        raise
     finally:
         bar.close()
         torch.set_num_threads(prev_threads)
@@ -1404,14 +1410,51 @@ def run_sgmcmc(
     settings["vectorized"] = bool(kernel.potential_and_grad.mode["vmap"]) and chains > 1
     settings["gradient_evaluations"] = total_steps * chains
     stats_out = {k: np.asarray(v) for k, v in stats.items()}
+    if fault is not None:
+        good = rs.done_draws if rs is not None else flushed[0]
+        settings["draws_requested"] = draws
+        settings["draws"] = good
+        settings["fault"] = fault
+        stats_out = _trim(stats_out, good, loss_every, full_loss_every)
+        if rs is None:
+            draws_buf = draws_buf[:, :good] if draws_buf is not None else None
+        warn(
+            f"{fault} The {good} draw(s) per chain completed before it are kept "
+            f"(ref.settings['fault'])"
+            + (
+                f"; the store {str(store)!r} can be resumed from "
+                f"its last checkpoint with a smaller step_size."
+                if rs is not None
+                else "."
+            ),
+            SamplerWarning,
+        )
     if rs is not None:
-        rs.finish(settings)
+        if fault is None:
+            rs.finish(settings)
         draws_arr = rs.draws_view() if keep_draws else None
     else:
         draws_arr = draws_buf
-    return ReferenceClass.from_stats(
-        post, draws_arr, stats_out, settings=settings, store=str(store) if store else None
+    return SampleResult(
+        draws=draws_arr,
+        stats=stats_out,
+        settings=settings,
+        fault=fault,
+        store=str(store) if store else None,
     )
+
+
+def _trim(stats: dict, done: int, loss_every: int, full_loss_every: int | None) -> dict:
+    """Statistics cut to the first ``done`` draws (``loss``/``loss_full`` are thinned)."""
+    out = {}
+    for k, v in stats.items():
+        if k == "loss":
+            out[k] = v[:, : -(-done // loss_every)]
+        elif k == "loss_full" and full_loss_every:
+            out[k] = v[:, : -(-done // int(full_loss_every))]
+        else:
+            out[k] = v[:, :done]
+    return out
 
 
 def _defects(post: LocalPosterior, W: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,62 +30,18 @@ from pyro.infer.autoguide import (
 from tqdm.auto import tqdm
 
 from .._errors import SamplerWarning, warn
-from .base import check_svi_args, default_rank
+from .base import FitResult, check_svi_args, default_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
 
-__all__ = ["SVIResult", "run_svi"]
+__all__ = ["run_svi"]
 
 _GUIDES = {
     "normal": AutoDiagonalNormal,
     "lowrank": AutoLowRankMultivariateNormal,
     "mvn": AutoMultivariateNormal,
 }
-
-
-@dataclass
-class SVIResult:
-    """A fitted Gaussian variational approximation.
-
-    Attributes
-    ----------
-    distribution : torch.distributions.Distribution
-        The fitted guide over the flat lifted vector ``w`` (detached).
-    losses : numpy.ndarray
-        ELBO loss (negative ELBO, nats) per step.
-    """
-
-    posterior: LocalPosterior
-    guide: str
-    distribution: torch.distributions.Distribution
-    losses: np.ndarray
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.distribution.mean
-
-    def covariance(self) -> torch.Tensor:
-        d = self.distribution
-        if isinstance(d, torch.distributions.Independent):
-            return torch.diag(d.base_dist.scale**2)
-        return d.covariance_matrix
-
-    def sample(self, n: int = 1000, *, seed: int = 0):
-        """Draw ``n`` independent samples into a ``ReferenceClass``."""
-        from ..reference import ReferenceClass
-
-        if int(n) != n or n < 4:
-            raise ValueError(f"n must be an integer ≥ 4; got {n!r}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            W = self.distribution.sample((int(n),))
-        settings = dict(self.settings)
-        settings.update({"method": "svi", "draws": int(n), "chains": 1, "sample_seed": int(seed)})
-        return ReferenceClass.from_draws(
-            self.posterior, W.reshape(1, int(n), -1), settings=settings
-        )
 
 
 def _moments(g, guide: str) -> dict[str, torch.Tensor]:
@@ -145,7 +100,7 @@ def run_svi(
     init_scale: float | None = None,
     average: float = 0.25,
     progress: bool = True,
-) -> SVIResult:
+) -> FitResult:
     check_svi_args(guide, steps, lr, lr_decay, num_particles, average)
     center = post.center
     sd = post.localization**-0.5
@@ -244,7 +199,8 @@ def run_svi(
         "lr_decay": float(lr_decay),
         "num_particles": int(num_particles),
         "init_scale": float(init_scale),
+        "rank": kw.get("rank"),
         "average": float(average),
         "wall_time_s": time.perf_counter() - t0,
     }
-    return SVIResult(post, guide, fitted, losses, settings)
+    return FitResult(guide, fitted, losses, settings)

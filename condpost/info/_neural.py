@@ -86,7 +86,7 @@ def neural_mi(
 
     Returns ``(value, stderr, settings, details, notes)``.
     """
-    from .estimators import InfoWarning, _resolve_stderr
+    from ._common import InfoWarning, _resolve_stderr
 
     if kind not in ("infonce", "smile"):
         raise ValueError(f"kind must be 'infonce' or 'smile'; got {kind!r}")

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from scipy.special import digamma, ndtri
 
-from .._errors import CondpostWarning
 from . import _knn
+from ._common import InfoWarning, _resolve_stderr
 
 __all__ = [
     "InfoResult",
@@ -29,10 +29,6 @@ __all__ = [
     "MI_ESTIMATORS",
     "ENTROPY_ESTIMATORS",
 ]
-
-
-class InfoWarning(CondpostWarning):
-    """An information estimate is unreliable (saturated bound, ties, too few samples)."""
 
 
 @dataclass(frozen=True)
@@ -227,26 +223,6 @@ def _bootstrap_se(
         idx = rng.integers(0, n, n)
         vals.append(fn(*(a[idx] for a in arrays)))
     return float(np.std(vals, ddof=1))
-
-
-def _resolve_stderr(stderr: str | None, default: str, allowed: tuple[str, ...], name: str) -> str:
-    if stderr is None or stderr is False or stderr == "none":
-        return "none"
-    if stderr == "auto":
-        return default
-    if stderr not in allowed:
-        why = ""
-        if stderr == "bootstrap" and "subsample" in allowed:
-            why = (
-                " Resampling with replacement duplicates points, and duplicates sit at "
-                "distance 0 from each other, which biases nearest-neighbour estimators; "
-                "use stderr='subsample' (disjoint subsets) instead."
-            )
-        raise ValueError(
-            f"stderr={stderr!r} is not available for estimator {name!r}; choose one of "
-            f"{list(allowed) + ['auto', None]}.{why}"
-        )
-    return stderr
 
 
 # --------------------------------------------------------------------------------------
