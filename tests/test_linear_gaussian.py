@@ -161,3 +161,26 @@ def test_nuts_high_ess_matches_theory_reference_accuracy():
     assert np.all(np.abs(flat.mean(0) - mu) <= np.maximum(4 * sd / np.sqrt(ess), 0.02 * sd))
     rel = np.linalg.norm(np.cov(flat.T) - Sigma) / np.linalg.norm(Sigma)
     assert rel <= 0.025, rel
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
+def test_mala_matches_exact_posterior(constrained):
+    """MALA, added through the sampler contract (its kernel module and one registry line),
+    against the closed form, with and without constraints."""
+    prob = make_problem(seed=1, perturb=0.05)
+    net, post = _declare(prob, constrained)
+    ref = post.sample("mala", chains=16, warmup=500, draws=3000, thin=2, seed=5, progress=False)
+    acc = ref.stat("sampler/accept_prob").mean()
+    assert 0.45 < acc < 0.7, acc  # dual averaging reached its 0.574 target
+    check_exact_posterior(prob, ref)
+
+
+def test_pyro_nuts_matches_exact_posterior():
+    """The Pyro executor (no longer the default) on the constrained, perturbed case."""
+    prob = make_problem(seed=1, perturb=0.05)
+    net, post = _declare(prob, True)
+    ref = post.sample(
+        "nuts", backend="pyro", chains=4, warmup=300, draws=1600, seed=3, progress=False
+    )
+    assert ref.settings["backend"] == "pyro"
+    check_exact_posterior(prob, ref)
