@@ -2,7 +2,7 @@
 
 Shared by ``benchmarks/sgld_vs_devinterp.py`` and ``tests/test_dln_theory.py``.
 
-Model (THEORY §4.3). ``f(x) = W_M ⋯ W_1 x`` with widths ``H_1`` (input), ``H_2, …, H_M``,
+Model (docs/theory.md §4.3). ``f(x) = W_M ⋯ W_1 x`` with widths ``H_1`` (input), ``H_2, …, H_M``,
 ``H_{M+1}`` (output) and ``W_j ∈ R^{H_{j+1} × H_j}``; ``r = rank(W_M ⋯ W_1)`` at the truth.
 Its real log canonical threshold (the global learning coefficient λ) and multiplicity
 ``m`` are given in closed form by Aoyagi:
@@ -13,7 +13,7 @@ Its real log canonical threshold (the global learning coefficient λ) and multip
 * the two-layer case (reduced-rank regression) is M. Aoyagi and S. Watanabe,
   "Stochastic complexities of reduced rank regression in Bayesian estimation",
   Neural Networks 18 (2005) 924–933;
-* the statement used here follows THEORY §4.3 (also implemented in Furman & Lau,
+* the statement used here follows docs/theory.md §4.3 (also implemented in Furman & Lau,
   "Estimating the local learning coefficient at scale", arXiv:2402.03698, ``dln.py``).
   This module is an independent implementation from the formula, not a copy.
 """
@@ -62,7 +62,7 @@ def _check_widths(widths: Sequence[int], rank: int) -> tuple[list[int], int]:
 
 
 def _admissible(delta: list[int], sigma: Sequence[int]) -> bool:
-    """THEORY §4.3 step 2: is the index set ``sigma`` (|Σ| = ℓ+1 ≥ 2) admissible?"""
+    """docs/theory.md §4.3 step 2: is the index set ``sigma`` (|Σ| = ℓ+1 ≥ 2) admissible?"""
     ell = len(sigma) - 1
     if ell < 1:
         return False
@@ -94,7 +94,7 @@ def _lambda_from_sigma(H: list[int], r: int, sigma: Sequence[int]) -> tuple[Frac
 
 
 def aoyagi_admissible_sets(widths: Sequence[int], rank: int = 0) -> list[tuple[int, ...]]:
-    """All admissible index sets Σ of THEORY §4.3 (brute force over subsets; 0-based)."""
+    """All admissible index sets Σ of docs/theory.md §4.3 (brute force over subsets; 0-based)."""
     H, r = _check_widths(widths, rank)
     delta = [h - r for h in H]
     idx = range(len(H))
@@ -121,7 +121,7 @@ def aoyagi_rlct(widths: Sequence[int], rank: int = 0) -> tuple[Fraction, int]:
         + \\frac12 \\sum_{\\{\\sigma,\\sigma'\\}\\subset\\Sigma} \\Delta_\\sigma\\Delta_{\\sigma'},
         \\qquad m = a(\\ell-a) + 1.
 
-    (Aoyagi 2024; THEORY §4.3.) The first condition forces Σ to be a set of the
+    (Aoyagi 2024; docs/theory.md §4.3.) The first condition forces Σ to be a set of the
     smallest Δs, so the search runs over ``k = 2, …, M+1`` smallest (ties kept together).
 
     Parameters
@@ -138,7 +138,7 @@ def aoyagi_rlct(widths: Sequence[int], rank: int = 0) -> tuple[Fraction, int]:
     (Fraction, int)
         ``λ`` and ``m``. ``λ`` is the *global* RLCT; the local value at a particular
         true parameter can be larger, except at the origin with ``r = 0`` and at a
-        generic teacher with ``r = min_j H_j`` (THEORY §4.3, caveat 1).
+        generic teacher with ``r = min_j H_j`` (docs/theory.md §4.3, caveat 1).
     """
     H, r = _check_widths(widths, rank)
     delta = [h - r for h in H]
@@ -190,7 +190,7 @@ def make_teacher(
     """Teacher weights ``[W_1, …, W_M]`` and the rank ``r`` of their product.
 
     ``kind="origin"``: all zero (``r = 0``); the local RLCT at 0 equals Aoyagi's global λ
-    because ``K`` is homogeneous (THEORY §4.3, caveat 1).
+    because ``K`` is homogeneous (docs/theory.md §4.3, caveat 1).
 
     ``kind="full"``: a generic teacher of full rank ``r = min_j H_j``, where the local
     λ equals ``r(H_1 + H_{M+1} − r)/2``. Each factor is ``U diag(s) Vᵀ`` with
@@ -199,8 +199,8 @@ def make_teacher(
     controlled condition number so that one SGLD step size suits every direction.
 
     ``kind="rankK"`` (e.g. ``"rank2"``): the same, but the first factor has rank ``K`` so
-    that the product has rank ``K`` (ANCHORS' devinterp run: [5,4,3,4], rank 2). Not a
-    safe point of THEORY §4.3: the local λ there need not equal Aoyagi's, so compare
+    that the product has rank ``K`` (the anchor's devinterp run: [5,4,3,4], rank 2). Not a
+    safe point of docs/theory.md §4.3: the local λ there need not equal Aoyagi's, so compare
     samplers against the NUTS value at the same (nβ, γ), not against λ.
     """
     H = [int(h) for h in widths]
@@ -237,7 +237,7 @@ def make_data(
     """``x ~ N(0, I)`` (n rows) and ``y = W_M⋯W_1 x + noise·ε`` (noiseless by default).
 
     Noiseless targets make the teacher an exact minimizer of ``L_n`` (no optimisation gap,
-    THEORY §4.2), as in the Furman–Lau protocol.
+    docs/theory.md §4.2), as in the Furman–Lau protocol.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, teacher[0].shape[1], generator=g)
@@ -285,7 +285,7 @@ def plain_sgld(
 ) -> torch.Tensor:
     """The reference a researcher writes by hand: one SGLD chain in plain PyTorch.
 
-    ``Δw = −ε/2 [nβ ∇L_B(w) + γ (w − w*)] + √ε ξ`` (THEORY §1.5), ``L_B`` the minibatch
+    ``Δw = −ε/2 [nβ ∇L_B(w) + γ (w − w*)] + √ε ξ`` (docs/theory.md §1.5), ``L_B`` the minibatch
     mean Gaussian NLL ``Σ_j (y_j − f_j)²/(2s²)`` (constant dropped), batches from an epoch
     permutation of the data. Returns the minibatch loss at each step (``[steps]``, the
     loss of the batch used for the gradient). ``net`` is modified in place (pass a copy).

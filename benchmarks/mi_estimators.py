@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/mi_estimators.py`` (a minute or two on 2 cores; ``--quick`` for
 N = 2,000 and fewer tasks; ``--jax`` adds a naive jitted JAX KSG to the speed table. That
-is *not* bmi's implementation, whose ~0.8 s at N = 5,000 is quoted in ANCHORS.md).
+is *not* bmi's implementation, whose ~0.8 s at N = 5,000 is quoted in the anchor measurements).
 
 The suite follows the families of Czyż et al. (2023, "Beyond Normal", NeurIPS):
 correlated Gaussians from 1×1 to 25×25 (dense and sparse), multivariate Student-t with

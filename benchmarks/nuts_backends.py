@@ -127,7 +127,7 @@ class Native:
         numpyro.factor("constraint/act", -jnp.sum((h - self.h_star) ** 2) / (2 * SIGMA**2))
 
     def potential(self, w):
-        """U(w) of THEORY §1.2, written out (for the equality check and the micro timing)."""
+        """U(w) of docs/theory.md §1.2, written out (for the equality check and the micro timing)."""
         jnp = self.jnp
         out, _ = self.layers(w, self.X)
         r = (self.Y - out) / self.scale

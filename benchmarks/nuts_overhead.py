@@ -9,7 +9,7 @@ Both samplers run in one process on the same problem, one after the other:
   ``torch.func.functional_call``, the likelihood inside ``poutine.scale(nβ/n)`` and
   ``pyro.plate``, run by ``MCMC(NUTS(model, init_strategy=init_to_value(...)))``.
 
-Problem (the measured anchor in ``../shared/ANCHORS.md``): MLP 1→16→16→1 tanh (321
+Problem (the measured NUTS anchor): MLP 1→16→16→1 tanh (321
 parameters), n = 200 points of ``y = sin(3x) + 0.1 ε``, the MLP trained to a minimum
 (Adam, then full-batch L-BFGS), Gaussian likelihood with scale 0.1, nβ = n/log n,
 γ = 100 (prior sd 0.1), 300 warmup + 300 draws, 1 chain, target_accept 0.8, max tree
@@ -524,7 +524,7 @@ def machine() -> str:
 
 INTRO = """\
 Compares `LocalPosterior.sample("nuts")` with the hand-written Pyro model a researcher
-writes today, in one process, on the problem of the measured anchor in `ANCHORS.md`:
+writes today, in one process, on the problem of the measured anchor:
 MLP 1→16→16→1 tanh (321 parameters), n = 200 points of y = sin(3x) + 0.1ε, trained to a
 minimum (Adam, then L-BFGS); Gaussian likelihood with scale 0.1; nβ = n/log n; γ = 100
 (prior sd 0.1); 1 chain started at w*; target_accept 0.8; max tree depth 10.

@@ -5,7 +5,7 @@ loop ``benchmarks/_dln.py::plain_sgld`` (the update ``Δw = −ε/2 [nβ ∇L_B(
 √ε ξ`` written by hand: minibatch gradient, localizer, noise; nothing else).
 
 condpost does more per step than that loop: it measures the loss of every kept draw
-(THEORY §5.3), checks for divergence and keeps the draws, the virial and ‖w − w*‖². The
+(docs/theory.md §5.3), checks for divergence and keeps the draws, the virial and ‖w − w*‖². The
 table therefore lists the settings separately:
 
 * ``loss="independent"``: each draw's loss on a fresh batch paired with ``w*`` (an extra

@@ -1,10 +1,10 @@
-"""SG-MCMC λ̂ on THEORY §4.2's regular model against its closed form (issue 5, accuracy).
+"""SG-MCMC λ̂ on docs/theory.md §4.2's regular model against its closed form (issue 5, accuracy).
 
 The model: a linear map ``y = W x + ε`` (din = 3, k = 2, d = 6) on n = 1000 whitened
 inputs (``XᵀX/n = I`` exactly), unit noise, ``w*`` the least-squares solution,
 nβ = n/log n. The local posterior is Gaussian, and the LLC estimator's expectation is
 ``E[λ̂] = ½ Σ_k a_k/(a_k + γ)`` with ``a_k`` the eigenvalues of ``nβ·∇²L_n`` (all equal
-to nβ here): 2.9794 at γ = 1 (THEORY §4.2's table). The closed form is computed here from
+to nβ here): 2.9794 at γ = 1 (docs/theory.md §4.2's table). The closed form is computed here from
 the design matrix with NumPy, not by condpost.
 
 Step sizes (``STEPS``) are per sampler, because their units differ. RMSProp-SGLD's ε
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     post = cp.LocalPosterior(net, (X, Y), cp.Gaussian(scale=1.0), localization=args.gamma)
     exact = exact_llc(X, Y.shape[1], post.nbeta, args.gamma)
     print(
-        f"THEORY §4.2 regular model: d = {post.d}, n = {post.n}, nβ = {post.nbeta:.2f}, "
+        f"docs/theory.md §4.2 regular model: d = {post.d}, n = {post.n}, nβ = {post.nbeta:.2f}, "
         f"γ = {args.gamma:g}; closed form E[λ̂] = {exact:.4f}. {args.chains} chains × "
         f"({args.warmup} warmup + {args.draws} draws, thin {args.thin}), batch {args.batch}, "
         f"default loss estimator (independent batches paired with w*).\n"

@@ -1,6 +1,6 @@
 """condpost's vectorized SGLD against devinterp and a hand-written PyTorch loop (issue 5).
 
-Three samplers run on the same deep linear network (DLN, THEORY §4.3) in one run:
+Three samplers run on the same deep linear network (DLN, docs/theory.md §4.3) in one run:
 
 * **condpost**: ``LocalPosterior(...).sample("sgld", chains=C, ...)``: all chains in one
   vectorized computation (``torch.func.vmap``).
@@ -19,7 +19,7 @@ Three samplers run on the same deep linear network (DLN, THEORY §4.3) in one ru
 * **plain loop**: ``benchmarks/_dln.py::plain_sgld``, one chain of the SGLD update written
   by hand in PyTorch: the per-chain overhead reference.
 
-All three use the same update ``Δw = −ε/2 [nβ ∇L_B(w) + γ (w − w*)] + √ε ξ`` (THEORY §1.5)
+All three use the same update ``Δw = −ε/2 [nβ ∇L_B(w) + γ (w − w*)] + √ε ξ`` (docs/theory.md §1.5)
 with the same ε, γ, nβ = n/log n and batch size, Gaussian likelihood with scale 1
 (``L`` = mean of ``½‖y − f(x)‖²``, constants cancel in λ̂).
 
@@ -29,7 +29,7 @@ with the same ε, γ, nβ = n/log n and batch size, Gaussian likelihood with sca
 writing, excluding its import; plain loop: the loop). Targets: condpost ≥ 10× devinterp
 at 16 chains; condpost at 1 chain ≤ 1.15× the plain loop's time per step.
 
-**Accuracy.** On the safe points of THEORY §4.3, the [4,3,8] DLN at the origin (r = 0,
+**Accuracy.** On the safe points of docs/theory.md §4.3, the [4,3,8] DLN at the origin (r = 0,
 Aoyagi λ = 6) and at a generic full-rank teacher (r = 3, λ = r(H_1 + H_{M+1} − r)/2 =
 13.5), the exact value the estimator targets at the same (nβ, γ) is computed by NUTS
 (``post.sample("nuts")``) on a 4-row dataset with the *identical* loss function
@@ -38,7 +38,7 @@ only through ``xᵀx/n``). condpost's SGLD λ̂ and devinterp's reported λ̂ ar
 with it; the gap of each to Aoyagi's λ (``_dln.aoyagi_lambda``; Aoyagi 2024) is printed
 too. Targets are noiseless by default (the teacher is then an exact minimizer of
 ``L_n``); ``--noise`` adds label noise (then ``w*`` is not the minimizer and λ̂ is lowered
-by nβ(L_n(w*) − min L_n), THEORY §4.2, for every sampler alike).
+by nβ(L_n(w*) − min L_n), docs/theory.md §4.2, for every sampler alike).
 
 Usage::
 
@@ -168,7 +168,7 @@ def _devinterp_worker(spec_path: str, out_path: str) -> None:
             return 0.5 * (model(x[i]) - y[i]).pow(2).sum(-1, keepdim=True)
 
         # a fresh output path per job: devinterp returns a cached result when the path
-        # exists (ANCHORS: a stale cache returned another model's LLC)
+        # exists (the anchor: a stale cache returned another model's LLC)
         out = Path(tempfile.mkdtemp(prefix="devinterp_")) / "samples.zarr"
         t = time.perf_counter()
         st = sample(
@@ -601,7 +601,7 @@ def accuracy_section(args, dv_python) -> None:
     print(
         "  s.e.: condpost's from the ESS of its loss trace (plus the baseline's); NUTS: the larger "
         "of the ESS-based s.e. and the chain means' spread/√chains; devinterp: its chain-to-chain "
-        "std/√chains. 'target vs λ' is the finite-(nβ, γ) effect, not a sampler error (THEORY §4.3)."
+        "std/√chains. 'target vs λ' is the finite-(nβ, γ) effect, not a sampler error (docs/theory.md §4.3)."
     )
 
 
@@ -615,7 +615,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for every sampler")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--chains", default="4,16", help="chain counts for the speed table")
-    p.add_argument("--speed-widths", default="5,4,3,4", help="DLN of the speed table (ANCHORS')")
+    p.add_argument("--speed-widths", default="5,4,3,4", help="DLN of the speed table (the anchor's)")
     p.add_argument("--speed-warmup", type=int, default=200)
     p.add_argument("--speed-draws", type=int, default=1000)
     p.add_argument("--speed-step", type=float, default=1e-5)
@@ -630,12 +630,12 @@ def main(argv=None) -> None:
     p.add_argument("--origin-step", type=float, default=5e-5)
     p.add_argument("--full-gamma", type=float, default=10.0)
     p.add_argument("--full-step", type=float, default=1e-5)
-    p.add_argument("--anchors-widths", default="5,4,3,4", help="ANCHORS' devinterp DLN")
+    p.add_argument("--anchors-widths", default="5,4,3,4", help="the anchor's devinterp DLN")
     p.add_argument("--anchors-rank", type=int, default=2)
     p.add_argument("--anchors-gamma", type=float, default=100.0)
     p.add_argument("--anchors-step", type=float, default=1e-5)
     p.add_argument("--anchors-noise", type=float, default=1.0, help="label noise sd")
-    p.add_argument("--skip-anchors-case", action="store_true", help="only THEORY's two safe points")
+    p.add_argument("--skip-anchors-case", action="store_true", help="only the theory page's two safe points")
     p.add_argument("--nuts-backend", default=None, help="numpyro (default if jax) or pyro")
     p.add_argument("--nuts-chains", type=int, default=4)
     p.add_argument("--nuts-warmup", type=int, default=1000)

@@ -1,4 +1,4 @@
-"""Auto-calibration of constraint strengths (THEORY §2.2) and linear-response sensitivities (§3.3)."""
+"""Auto-calibration of constraint strengths (docs/theory.md §2.2) and linear-response sensitivities (§3.3)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ __all__ = ["calibrate", "solve_tolerance", "sensitivity", "Sensitivity"]
 
 
 def solve_tolerance(eigenvalues, target_binding: float) -> float:
-    """σ² solving ``(1/k) Σ_i v_i/(v_i + σ²) = b*`` (THEORY §2.2), by bisection in log σ².
+    """σ² solving ``(1/k) Σ_i v_i/(v_i + σ²) = b*`` (docs/theory.md §2.2), by bisection in log σ².
 
     ``eigenvalues`` are those of the feature's unconstrained covariance ``V_c`` (length
     ``k``; zeros allowed). Raises if ``b*`` exceeds the attainable ``rank(V_c)/k``.
@@ -116,7 +116,7 @@ def calibrate(
     tol: float = 0.05,
     sample_kwargs: dict | None = None,
 ) -> LocalPosterior:
-    """Set constraint strengths so that each binds at ``target_binding`` (THEORY §2.2).
+    """Set constraint strengths so that each binds at ``target_binding`` (docs/theory.md §2.2).
 
     Runs a short NUTS pilot of ``post`` *without* its constraints (or uses ``pilot``),
     estimates each feature's unconstrained covariance ``V_c`` from the pilot draws,
@@ -318,7 +318,7 @@ def calibrate(
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """``dE[φ]/dh = −Cov(φ, V)`` with its Monte Carlo standard error (THEORY §3.3).
+    """``dE[φ]/dh = −Cov(φ, V)`` with its Monte Carlo standard error (docs/theory.md §3.3).
 
     ``float(s)`` is ``s.value``.
 
@@ -366,7 +366,7 @@ def _observable(ref: ReferenceClass, observable) -> np.ndarray:
 
 
 def sensitivity(ref: ReferenceClass, observable, knob: str, *, wrt: str = "rho") -> Sensitivity:
-    """Linear response ``dE[φ]/dh = −Cov(φ, V)`` from draws already taken (THEORY §3.3).
+    """Linear response ``dE[φ]/dh = −Cov(φ, V)`` from draws already taken (docs/theory.md §3.3).
 
     Parameters
     ----------

@@ -2,7 +2,7 @@
 
 Each constraint is a *feature map* ``f_c(w)`` (activations on fixed probes, a subset
 of weights, ...) plus a *defect* ``D_c(w) ≥ 0`` with ``D_c(w*) = 0`` and a strength
-``ρ_c > 0`` (THEORY §2). The strength is given in one of two modes:
+``ρ_c > 0`` (docs/theory.md §2). The strength is given in one of two modes:
 
 * absolute ``tolerance`` σ (feature units): ``ρ_c = k_c/(2σ²)`` so that
   ``ρ_c D_c = ‖f_c(w) − f_c(w*)‖²/(2σ²)`` for the Gaussian defect
@@ -384,7 +384,7 @@ def _linear_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 class Activations(Constraint):
-    """Preserve the activations of ``site`` on fixed ``probes`` (THEORY C1).
+    """Preserve the activations of ``site`` on fixed ``probes`` (docs/theory.md C1).
 
     ``measure="mse"`` (default): feature ``f(w) = A_site(P; w)`` (stacked over probes),
     Gaussian defect ``D(w) = (1/k) Σ_{x∈P} ‖A_site(x; w) − A_site(x; w*)‖²`` with ``k``
@@ -491,12 +491,12 @@ def _activation_at_center(post, probes: torch.Tensor, site: str) -> torch.Tensor
 
 
 class WeightZeroPattern(Constraint):
-    """Keep the near-zero weights of ``w*`` near zero (THEORY C6-i).
+    """Keep the near-zero weights of ``w*`` near zero (docs/theory.md C6-i).
 
     ``Z* = {i : |w*_i| < threshold}`` over the lifted coordinates of the parameters
     matched by ``params``. Feature ``f(w) = w_{Z*}``; Gaussian defect
     ``D(w) = (1/|Z*|) Σ_{i∈Z*} (w_i − t_i)²``. With ``target="center"`` (default)
-    ``t = w*_{Z*}``, so ``D(w*) = 0`` and the factor is exactly THEORY §4.1's
+    ``t = w*_{Z*}``, so ``D(w*) = 0`` and the factor is exactly docs/theory.md §4.1's
     ``exp(−‖C(w − w*)‖²/(2σ²))`` with rows ``e_iᵀ``. With ``target="zero"``, ``t = 0``
     (the literal C6 formula ``Σ w_i²/(2σ²)``, a pruning prior). The exact count of
     weights of ``Z*`` with ``|w_i| < threshold`` is reported per draw
@@ -596,7 +596,7 @@ WeightZeroPattern._exact = lambda self, bound, view: _zero_pattern_exact(bound, 
 
 
 class CircuitMap(Constraint):
-    """Preserve a circuit's input→output map between two sites (THEORY C2, activation patching).
+    """Preserve a circuit's input→output map between two sites (docs/theory.md C2, activation patching).
 
     The sub-network from ``source`` to ``target`` is run on *injected* source activations
     ``a_j``: ``C_w(a_j)`` is the activation at ``target`` when the module at ``source``
@@ -723,7 +723,7 @@ class CircuitMap(Constraint):
 
 
 class Outputs(Constraint):
-    """Preserve the network's predictions on ``probes`` (THEORY C3).
+    """Preserve the network's predictions on ``probes`` (docs/theory.md C3).
 
     With ``kl=α`` (categorical logits): ``D(w) = (1/m) Σ_j KL(p(·|x_j, w*) ‖ p(·|x_j, w))``
     in nats with relative strength α (``ρ = nβ·α·N_c/n``): a tempered likelihood on the
@@ -811,7 +811,7 @@ def _default_tau(target: torch.Tensor) -> float:
 
 
 class ActivationSparsity(Constraint):
-    """Preserve how sparse the activations at ``site`` are (THEORY C4).
+    """Preserve how sparse the activations at ``site`` are (docs/theory.md C4).
 
     The exact statistic, the fraction of active entries ``mean 1[A > 0]``, is a step
     function; the constraint uses a smooth surrogate ``s(w)``:
@@ -907,7 +907,7 @@ class ActivationSparsity(Constraint):
 
 
 class FiringPattern(Constraint):
-    """Preserve *which* units fire at ``site`` on ``probes`` (THEORY C5).
+    """Preserve *which* units fire at ``site`` on ``probes`` (docs/theory.md C5).
 
     ``z* = 1[A(w*) > 0]``, ``s = sigmoid(A(w)/τ)``; Bernoulli cross-entropy defect
     ``D(w) = (1/k) Σ −[z* log s + (1 − z*) log(1 − s)]`` over the ``k`` probe-unit entries
@@ -1015,7 +1015,7 @@ def _lifted_slices(post, params, argname):
 
 
 class WeightSparsity(Constraint):
-    """Preserve the sparsity of weights (THEORY C6).
+    """Preserve the sparsity of weights (docs/theory.md C6).
 
     * ``form="zero_pattern"``: ``WeightZeroPattern`` (the recommended, exactly
       linear-Gaussian form; needs ``threshold``).
@@ -1132,7 +1132,7 @@ class WeightSparsity(Constraint):
 
 
 class LowRank(Constraint):
-    """Keep a weight matrix (near) low rank (THEORY C7).
+    """Keep a weight matrix (near) low rank (docs/theory.md C7).
 
     With ``λ_i`` the eigenvalues of the Gram matrix ``WᵀW`` (or ``WWᵀ``, the smaller),
     i.e. the squared singular values, computed with ``eigvalsh`` (whose backward has no
@@ -1266,7 +1266,7 @@ class LowRank(Constraint):
 
 
 class Quantized(Constraint):
-    """Keep weights near a grid ``Δℤ`` (THEORY C8, the sin² surrogate).
+    """Keep weights near a grid ``Δℤ`` (docs/theory.md C8, the sin² surrogate).
 
     ``D(w) = (1/k) Σ_i (Δ/π)² sin²(π w_i/Δ)``, a smooth stand-in for the squared distance
     to the grid (equal to it to second order near grid points). With ``tolerance=σ``,
@@ -1330,7 +1330,7 @@ class Quantized(Constraint):
 
 
 class LossLevel(Constraint):
-    """Microcanonical loss level (THEORY C9): ``D(w) = max(0, L_n(w) − L_n(w*) − ε)²``.
+    """Microcanonical loss level (docs/theory.md C9): ``D(w) = max(0, L_n(w) − L_n(w*) − ε)²``.
 
     ``k = 1``; with ``tolerance=σ`` (nats), ``ρ D = D/(2σ²)``. Usually choosing ``nβ``
     (the precision-targeted temperature) is the better tool. Always one-sided

@@ -1,6 +1,6 @@
 """Likelihoods: per-sample negative log-likelihoods ``ℓ_i(w)`` in nats.
 
-``L_n(w) = (1/n) Σ_i ℓ_i(w)`` is the *mean* per-sample NLL (THEORY §1.1). Each
+``L_n(w) = (1/n) Σ_i ℓ_i(w)`` is the *mean* per-sample NLL (docs/theory.md §1.1). Each
 likelihood also knows how to emit the matching Pyro observation site, so that the
 Pyro model form and the potential form agree exactly (normalising constants
 included).
@@ -102,7 +102,7 @@ class Gaussian(Likelihood):
     """Gaussian likelihood ``y ~ N(f(x; w), scale²)`` with a required noise ``scale``.
 
     ``ℓ_i = Σ_j [(y_ij − f_ij)²/(2 s²) + log s + ½ log 2π]``. ``scale`` is required
-    because mean-squared error silently rescales ``nβ`` by ``2s²/k`` (THEORY §1.1).
+    because mean-squared error silently rescales ``nβ`` by ``2s²/k`` (docs/theory.md §1.1).
     """
 
     name = "gaussian"

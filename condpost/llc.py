@@ -1,4 +1,4 @@
-"""The local learning coefficient from a reference class's losses (THEORY §1.4, §4.2, §5.4).
+"""The local learning coefficient from a reference class's losses (docs/theory.md §1.4, §4.2, §5.4).
 
 ``LLC`` and the estimators behind ``ReferenceClass.llc()``: the plain estimator
 ``λ̂ = nβ(E[L_n] − L_n(w*))`` for exact samplers and the SG-MCMC estimator with its
@@ -43,7 +43,7 @@ class LLC:
         ``L_n(w*)``, the reference loss subtracted from ``E[L_n]``.
     constrained : bool
         True if constraints were active: then this is the constrained loss part
-        ``λ̂_{L|C}``, not a learning coefficient (THEORY §3.1.2).
+        ``λ̂_{L|C}``, not a learning coefficient (docs/theory.md §3.1.2).
     method : str
         The sampler that produced the draws (``"nuts"``, ``"hmc"``, ``"svi"``).
     notes : tuple of str
@@ -112,7 +112,7 @@ def llc_from_losses(
     if method == "svi":
         notes.append(
             "from a Gaussian variational fit: it under-disperses on singular posteriors; "
-            "cross-check with MCMC before reporting (THEORY §1.5)"
+            "cross-check with MCMC before reporting (docs/theory.md §1.5)"
         )
         if warn_negative:
             warn("λ̂ from SVI draws: " + notes[-1], SamplerWarning)
@@ -121,7 +121,7 @@ def llc_from_losses(
         warn(
             f"λ̂ = {mean:.4g} is negative, which is never a valid complexity. The draws have "
             f"lower loss than w*: w* is not a local minimum of L_n. In the regular case "
-            f"E[λ̂] = d/2 − nβ·(L_n(w*) − min L_n) (THEORY §4.2), so a loss gap above "
+            f"E[λ̂] = d/2 − nβ·(L_n(w*) − min L_n) (docs/theory.md §4.2), so a loss gap above "
             f"d/(2nβ) = {gap:.3g} nats already makes λ̂ negative. Refine w* with a few "
             f"full-batch optimisation steps, increase localization, or lower nβ.",
             SamplerWarning,
@@ -163,7 +163,7 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
     ``nβ·mcse(L̂_n)`` (ESS-based, so it includes the loss-batch noise), combined in
     quadrature with ``nβ·se(L_n(w*))`` when the baseline was estimated from batches.
 
-    Diagnostics (THEORY §5.2–5.4), warned in plain words and kept in ``notes``:
+    Diagnostics (docs/theory.md §5.2–5.4), warned in plain words and kept in ``notes``:
     a negative λ̂; the loss trace sitting below ``L_n(w*)`` (a lower basin: localization
     too weak or ``w*`` not a minimum); ``‖w − w*‖²`` still growing in the second half
     (too-weak localization or not yet stationary); λ̂ drifting between the halves of the
@@ -217,7 +217,7 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
         msgs.append(
             f"λ̂ = {res.mean:.4g} is negative, which is never a valid complexity: the chains "
             f"found lower loss than w*. w* is not a local minimum of L_n (E[λ̂] = d/2 − "
-            f"nβ·(L_n(w*) − min L_n) in the regular case, THEORY §4.2: a gap above "
+            f"nβ·(L_n(w*) − min L_n) in the regular case, docs/theory.md §4.2: a gap above "
             f"d/(2nβ) = {ref.d / (2 * nbeta):.3g} nats suffices), or localization is too weak. "
             f"Refine w* with a few full-batch optimisation steps, increase localization, or "
             f"lower nβ."
@@ -274,14 +274,14 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
         if dom > 0.9:
             msgs.append(
                 f"the localizer sets the spread: γ·E‖w − w*‖²/d = {dom:.2f} ≈ 1, so the loss "
-                f"barely constrains the draws and λ̂ mostly measures γ (THEORY §5.2). Lower "
+                f"barely constrains the draws and λ̂ mostly measures γ (docs/theory.md §5.2). Lower "
                 f"localization or raise nβ."
             )
     shift = (config.get("center_check") or {}).get("lambda_shift", 0.0)
     if shift is not None and shift < -0.5:
         msgs.append(
             f"the centre check found w* away from a minimum: in the local quadratic model λ̂ "
-            f"is lowered by about {-shift:.3g} (THEORY §4.2). Refine w* before trusting λ̂."
+            f"is lowered by about {-shift:.3g} (docs/theory.md §4.2). Refine w* before trusting λ̂."
         )
     if warn_user:
         for m in msgs:

@@ -6,8 +6,8 @@
     - \\sum_c \\rho_c D_c(w)\\Big\\}
 
 with ``L_n`` the mean per-sample NLL, ``nβ`` the inverse temperature times ``n``
-(default ``n/log n``, THEORY §1.4), ``γ`` the localization and ``ρ_c D_c`` the
-preserved-feature factors (THEORY §2). The potential ``U(w)`` is written once in
+(default ``n/log n``, docs/theory.md §1.4), ``γ`` the localization and ``ρ_c D_c`` the
+preserved-feature factors (docs/theory.md §2). The potential ``U(w)`` is written once in
 torch; the Pyro model form (``LocalPosterior.model``) is built from the public
 primitives, and both give the same log density.
 """
@@ -51,7 +51,7 @@ class LocalPosterior:
     include, exclude : str or sequence of str, optional
         Glob patterns over ``net.named_parameters()`` names (or module paths) selecting
         which parameters are lifted (default: all); the rest stay at ``w*``. Lifting a
-        subset is the weight-refined setting (THEORY C10).
+        subset is the weight-refined setting (docs/theory.md C10).
     dtype : torch.dtype, optional
         Computation dtype (default: the network's). Use ``torch.float64`` for exact tests.
     center : tensor or mapping, optional
@@ -368,7 +368,7 @@ class LocalPosterior:
 
         With ``g = ∇(nβ L_n)(w*)`` and ``H`` its Hessian, the locally Gaussian posterior
         has mean shift ``δ = −(H + γI)⁻¹ g`` and
-        ``E[nβ ΔL] − ½tr(HΣ) = ½ δᵀHδ + gᵀδ`` (THEORY §4.1), computed here by conjugate
+        ``E[nβ ΔL] − ½tr(HΣ) = ½ δᵀHδ + gᵀδ`` (docs/theory.md §4.1), computed here by conjugate
         gradients on Hessian-vector products.
         """
         from torch.func import grad as fgrad
@@ -435,7 +435,7 @@ class LocalPosterior:
         elif shift < -0.5:
             warn(
                 f"w* is not at a minimum of L_n: |∇(nβ L_n)(w*)| = {gnorm:.3g}. In the local "
-                f"quadratic model this lowers E[λ̂] by about {-shift:.3g} (THEORY §4.2: λ̂ ≈ d/2 − "
+                f"quadratic model this lowers E[λ̂] by about {-shift:.3g} (docs/theory.md §4.2: λ̂ ≈ d/2 − "
                 f"nβ·(L_n(w*) − min L_n)), and can make λ̂ negative. Refine w* with a few "
                 f"full-batch gradient/L-BFGS steps, or use a smaller nbeta.",
                 CenterWarning,

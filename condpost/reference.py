@@ -473,7 +473,7 @@ class ReferenceClass:
 
     # ------------------------------------------------------------------ diagnostics
     def summary(self, *, warn_user: bool = True, weights: bool | None = None) -> Summary:
-        """R-hat, bulk/tail ESS, divergences and the virial check (THEORY §5.2).
+        """R-hat, bulk/tail ESS, divergences and the virial check (docs/theory.md §5.2).
 
         Rows: ``L_n``, each constraint's defect, and per lifted parameter tensor the
         worst coordinate (max R-hat, min ESS). Problems are listed in plain words and,
@@ -584,7 +584,7 @@ class ReferenceClass:
     def llc(self, *, warn_user: bool = True, estimator: str | None = None) -> LLC:
         """``λ̂ = nβ (E[L_n] − L_n(w*))`` with mean, std over chains and MC standard error.
 
-        Warns when λ̂ is negative (w* is not a local minimum; THEORY §4.2's gap
+        Warns when λ̂ is negative (w* is not a local minimum; docs/theory.md §4.2's gap
         formula). With constraints it is the constrained loss part ``λ̂_{L|C}``.
 
         For SG-MCMC runs the per-draw ``L_n`` is the sampler's estimator (see
@@ -618,7 +618,7 @@ class ReferenceClass:
     def preservation(
         self, unconstrained: ReferenceClass | None = None, *, warn_user: bool = True
     ) -> PreservationReport:
-        """How well each constraint holds across the reference class (THEORY §3.2).
+        """How well each constraint holds across the reference class (docs/theory.md §3.2).
 
         Columns, one row per constraint:
 
@@ -776,7 +776,7 @@ class ReferenceClass:
                 f"{path} is not a condpost ReferenceClass file (expected an npz archive)"
             )
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 if "metadata" not in z.files:
                     raise ValueError(f"{path} has no condpost metadata")
                 meta = json.loads(str(z["metadata"]))
@@ -792,7 +792,9 @@ class ReferenceClass:
         except ValueError:
             raise
         except Exception as e:  # a truncated or altered archive (zip CRC, short read, ...)
-            raise ValueError(f"{path}: damaged ReferenceClass file ({type(e).__name__}: {e})") from e
+            raise ValueError(
+                f"{path}: damaged ReferenceClass file ({type(e).__name__}: {e})"
+            ) from e
         ref = cls(
             draws=draws,
             stats=stats,

@@ -1,4 +1,4 @@
-"""Learning coefficients from draws (THEORY §1.4, §3.1, §4.2, §5.4)."""
+"""Learning coefficients from draws (docs/theory.md §1.4, §3.1, §4.2, §5.4)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------
-# refined LLCs and WBIC (THEORY §3.1.4–5)
+# refined LLCs and WBIC (docs/theory.md §3.1.4–5)
 # ---------------------------------------------------------------------------------------
 
 
@@ -87,7 +87,7 @@ def refined_llc(
 
     See ``refined_posterior`` for the arguments; ``**sample_kw`` go to
     ``LocalPosterior.sample`` (``chains``, ``draws``, ``step_size``, ``batch_size``, ...).
-    With a dataset on which ``w*`` is not a minimum, λ̂ follows THEORY §4.2's gap formula
+    With a dataset on which ``w*`` is not a minimum, λ̂ follows docs/theory.md §4.2's gap formula
     and may be negative (then a warning explains it).
     """
     rp = refined_posterior(
@@ -137,7 +137,7 @@ class WBIC:
 
 
 def wbic(post, *, prior_scale: float, method: str = "sgld", **sample_kw) -> WBIC:
-    """WBIC with a proper global prior ``N(0, σ² I)`` on the lifted weights (THEORY §3.1.5).
+    """WBIC with a proper global prior ``N(0, σ² I)`` on the lifted weights (docs/theory.md §3.1.5).
 
     Samples ``π(w) ∝ exp(−(n/log n) L_n(w) − ‖w‖²/(2σ²))`` with the SG-MCMC sampler
     ``method`` (chains start at ``w*``; the localizer is replaced by the global prior and

@@ -1,4 +1,4 @@
-"""Step-size calibration for the SG-MCMC samplers (THEORY §5.3).
+"""Step-size calibration for the SG-MCMC samplers (docs/theory.md §5.3).
 
 ``calibrate_step_size(post, method="sgld")`` runs a few short vectorized chains from
 ``w*`` at every step size of a grid and reports, per step size:
@@ -11,7 +11,7 @@
   from the effective sample size of the detrended traces. Too small a step size never reaches the
   plateau within the run (λ̂ still rising).
 * **virial** — ``E[(w − w*)·∇U(w)]/d`` over the last half, which equals 1 for exact
-  draws from ``e^{−U}`` (THEORY §5.2). Too large a step size inflates the spread, so the
+  draws from ``e^{−U}`` (docs/theory.md §5.2). Too large a step size inflates the spread, so the
   ratio rises above 1; a chain still relaxing reads below 1.
 * **accept** — a MALA-style acceptance proxy (the Metropolis–Hastings acceptance of the
   Langevin proposal on the step's own minibatch, Roberts & Tweedie 1996; the devinterp
@@ -26,7 +26,7 @@
 ``|virial − 1| ≤ virial_tol`` (default 0.05, or 3 standard errors if larger) and an
 acceptance proxy ≥ ``target_accept`` (default 0.99). The largest such step mixes fastest
 while its bias stays small. The default is stricter than the 0.9 of the devinterp
-notebooks on purpose: on THEORY §4.2's regular model (nβ = 145, batch 200) the relative
+notebooks on purpose: on docs/theory.md §4.2's regular model (nβ = 145, batch 200) the relative
 bias of λ̂ is about 4·(1 − accept) (ε = 1e-4: accept 0.9995, bias 0.6%; 3e-4: 0.9975, 2%;
 1e-3: 0.987, 6%; 3e-3: 0.95, 18%), so 0.9 allows tens of percent. The virial ratio
 is the sharper check in long runs, but in a short calibration run its Monte Carlo error

@@ -1,12 +1,12 @@
 """Curves over the precision scale: sample a family of reference classes and measure on each.
 
 Every information-theoretic (and most other) quantities of a reference class depend
-on its precision scale ``(nβ, γ, σ_c)`` (THEORY §3.4.6, §5.1), so they are reported as
+on its precision scale ``(nβ, γ, σ_c)`` (docs/theory.md §3.4.6, §5.1), so they are reported as
 curves. ``sweep`` varies one knob of a declared ``LocalPosterior`` (``nbeta``,
 ``localization``, or the tolerance of one constraint), samples each setting, and
 evaluates observables (e.g. ``condpost.info.mutual_information``) with their error
 bars. ``SweepResult.slope()`` gives ``dI/d log nβ`` by weighted least squares, a
-candidate scale-free summary (THEORY §3.4.6, [Proposal, untested]).
+candidate scale-free summary (docs/theory.md §3.4.6, [Proposal, untested]).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class SweepResult:
     def slope(self, name: str | None = None) -> Slope:
         """``d(observable)/d log(knob)`` by weighted least squares over all settings.
 
-        For an ``nbeta`` sweep this is ``dI/d log nβ`` (THEORY §3.4.6); expect about
+        For an ``nbeta`` sweep this is ``dI/d log nβ`` (docs/theory.md §3.4.6); expect about
         ``k_eff/2`` in regular directions at large nβ.
         """
         obs = self._get(name)

@@ -5,7 +5,7 @@ is the tempered local posterior around the trained weights w*, either unconstrai
 conditioned on preserving the circuit from the hidden layer to the output
 (``CircuitMap``, activation patching). For each nβ we sample both and measure the
 mutual information between the hidden layer A (site ``"1"``) and the output B (site
-``""``) with all three ensemble targets of THEORY §3.4.5:
+``""``) with all three ensemble targets of docs/theory.md §3.4.5:
 
 * observational ``I(A;B)`` under (X, W);
 * channel ``I(A'; C_W(A'))`` with A' drawn independently of the weights W that run the
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
 
     if args.quick:
         # CI smoke run: few draws, and only the readout layer is lifted (the weight-refined
-        # setting, THEORY C10), whose posterior is nearly Gaussian and cheap for NUTS
+        # setting, docs/theory.md C10), whose posterior is nearly Gaussian and cheap for NUTS
         n, hidden, nbetas, include = 128, 3, [10.0, 100.0], "2.*"
         run = dict(chains=1, warmup=60, draws=120, max_tree_depth=6)
         boot, m_obs = 10, 120

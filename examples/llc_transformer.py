@@ -7,10 +7,10 @@
    on the full dataset, then polish ``w*`` with a few full-batch gradient steps.
 3. Estimate with vectorized SGLD chains (``LocalPosterior.sample("sgld", chains=8)``):
 
-   * the LLC of the whole network, ``λ̂ = nβ(E[L_n] − L_n(w*))`` (THEORY §3.1.1);
+   * the LLC of the whole network, ``λ̂ = nβ(E[L_n] − L_n(w*))`` (docs/theory.md §3.1.1);
    * the **weight-refined LLC** of each attention head ``h`` (Wang et al. 2024,
      "Differentiation and specialization of attention heads via the refined local
-     learning coefficient"; THEORY §3.1.4): the same estimator with only that head's
+     learning coefficient"; docs/theory.md §3.1.4): the same estimator with only that head's
      parameters lifted (``include="blocks.0.attn.heads.<h>.*"``), all other weights frozen
      at ``w*``.
 

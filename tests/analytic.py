@@ -1,4 +1,4 @@
-"""Closed-form ground truth (THEORY §4.1–4.2), computed from scratch with NumPy.
+"""Closed-form ground truth (docs/theory.md §4.1–4.2), computed from scratch with NumPy.
 
 Nothing here calls condpost: these are the exact answers the library is tested against.
 """
@@ -116,7 +116,7 @@ def linear_net(prob: LinearGaussianProblem):
 
 
 def whitened_problem(n=1000, din=3, k=2, s=1.0, gamma=1.0, seed=0):
-    """THEORY §4.2 worked example: XᵀX/n = I exactly, s = 1, nβ = n/log n."""
+    """docs/theory.md §4.2 worked example: XᵀX/n = I exactly, s = 1, nβ = n/log n."""
     g = torch.Generator().manual_seed(seed)
     Z = torch.randn(n, din, generator=g, dtype=torch.float64)
     Q, _ = torch.linalg.qr(Z)

@@ -1,4 +1,4 @@
-"""Many-chain ChEES-HMC (condpost.infer.chees) against THEORY §4.1's exact posterior.
+"""Many-chain ChEES-HMC (condpost.infer.chees) against docs/theory.md §4.1's exact posterior.
 
 The declaration is the one of tests/test_linear_gaussian.py (bias-free linear layer,
 Gaussian likelihood, activation and zero-pattern constraints), so π_C = N(μ, Σ) exactly
@@ -182,7 +182,7 @@ def test_chees_matches_exact_posterior_other_cases(constrained, perturb):
 
 @pytest.mark.slow
 def test_chees_high_ess_matches_theory_reference_accuracy():
-    """THEORY §4.1's reference accuracy at ESS ≳ 10⁴, in float32 (x64=False) with
+    """docs/theory.md §4.1's reference accuracy at ESS ≳ 10⁴, in float32 (x64=False) with
     overdispersed superchain starts: covariance within 2.5%, means within 0.02 SD."""
     prob = make_problem(seed=3)
     _, post = _declare(prob, True)

@@ -206,7 +206,7 @@ def test_binding_ratio_matches_exact(target_b):
     post, C = _lg_with_activation(prob, sigma, probes)
     _, Sigma = prob.posterior()
     exact_b = np.trace(C @ Sigma @ C.T) / (C.shape[0] * sigma**2)
-    assert exact_b == pytest.approx(target_b, rel=1e-6)  # Woodbury identity (THEORY §2.2)
+    assert exact_b == pytest.approx(target_b, rel=1e-6)  # Woodbury identity (docs/theory.md §2.2)
     ref = post.sample("nuts", chains=4, warmup=300, draws=1000, seed=2, progress=False)
     row = ref.preservation(warn_user=False).rows[0]
     b = 2 * row["rho"] * ref.defects()[row["constraint"]] / row["k"]

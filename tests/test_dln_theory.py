@@ -2,13 +2,13 @@
 
 Ground truth:
 
-* the worked table of THEORY §4.3 (values derived there by hand and checked by NUTS);
+* the worked table of docs/theory.md §4.3 (values derived there by hand and checked by NUTS);
 * for two layers (reduced-rank regression) the closed forms of Aoyagi & Watanabe (2005),
   "Stochastic complexities of reduced rank regression in Bayesian estimation", Neural
   Networks 18, 924–933, re-implemented here independently of ``benchmarks/_dln.py``;
 * one layer is a regular model: λ = d/2;
 * a generic teacher of full rank r = min_j H_j: λ = r(H_1 + H_{M+1} − r)/2, half the
-  dimension of the manifold of rank-r matrices (THEORY §4.3, caveat 1);
+  dimension of the manifold of rank-r matrices (docs/theory.md §4.3, caveat 1);
 * the plain SGLD loop's exact stationary law on a Gaussian target.
 """
 
@@ -38,7 +38,7 @@ from _dln import (  # noqa: E402
     plain_sgld,
 )
 
-# THEORY §4.3 worked examples: widths, r, Σ (0-based), λ, m, d
+# docs/theory.md §4.3 worked examples: widths, r, Σ (0-based), λ, m, d
 TABLE = [
     ([1, 1, 1], 0, (0, 1, 2), Fraction(1, 2), 2, 2),
     ([5, 3, 5], 0, (0, 1, 2), Fraction(13, 2), 2, 30),
@@ -83,7 +83,7 @@ def test_two_layers_match_aoyagi_watanabe_2005():
         for r in range(min(N, H, M) + 1):
             assert aoyagi_rlct([N, H, M], r)[0] == rrr_closed_form(N, H, M, r), (N, H, M, r)
             count += 1
-    assert count == 1808  # as in THEORY §4.3's cross-check
+    assert count == 1808  # as in docs/theory.md §4.3's cross-check
 
 
 def test_one_layer_is_regular():
@@ -101,7 +101,7 @@ def test_full_rank_is_half_the_rank_r_manifold_dimension():
 
 
 def test_every_admissible_sigma_gives_the_same_lambda_and_bounds():
-    """THEORY §4.3: every admissible Σ gives one λ; and 0 < λ ≤ d/2 (λ is at most regular)."""
+    """docs/theory.md §4.3: every admissible Σ gives one λ; and 0 < λ ≤ d/2 (λ is at most regular)."""
     from _dln import _lambda_from_sigma
 
     rng = np.random.default_rng(1)

@@ -1,13 +1,13 @@
-"""Ensemble information targets (THEORY §3.4.5) against closed forms (THEORY §4.4).
+"""Ensemble information targets (docs/theory.md §3.4.5) against closed forms (docs/theory.md §4.4).
 
 Ground truth is computed here from scratch (SciPy quadrature, NumPy), never with condpost:
 
-* end to end: NUTS on THEORY §4.1's linear-Gaussian posterior N(μ, Σ), two probes,
+* end to end: NUTS on docs/theory.md §4.1's linear-Gaussian posterior N(μ, Σ), two probes,
   ``B | x_j ~ N(x_jᵀμ, x_jᵀΣx_j)``, exact ``I(X;B)`` of the two-component mixture by
-  1-D quadrature (THEORY §4.4 ii);
-* product channel ``B = W X`` (THEORY §4.4 iii) for ``target="channel"``: ``h(B)`` by
+  1-D quadrature (docs/theory.md §4.4 ii);
+* product channel ``B = W X`` (docs/theory.md §4.4 iii) for ``target="channel"``: ``h(B)`` by
   nested quadrature, ``h(B|X) = ½log(2πe s²) − ½(γ_E + log 2)``;
-* common cause ``A = W + X₁``, ``B = W + X₂`` (THEORY §3.4.4): jointly Gaussian, so the
+* common cause ``A = W + X₁``, ``B = W + X₂`` (docs/theory.md §3.4.4): jointly Gaussian, so the
   observational MI is ``−½log(1 − ρ²)`` with ``ρ = s²/(s² + 1)``, and the channel MI is 0.
 
 Tolerances: 4 bootstrap standard errors (the library's two-way half-sampling
@@ -60,7 +60,7 @@ def product_channel_h_b(mu: float, s: float) -> float:
     """h(B) for B = W X, X ~ N(0,1), W ~ N(μ, s²), by nested quadrature."""
     if mu == 0:
 
-        def p_b(b):  # THEORY §4.4 iii: p_B(b) = K₀(|b|/s)/(πs)
+        def p_b(b):  # docs/theory.md §4.4 iii: p_B(b) = K₀(|b|/s)/(πs)
             return special.k0(abs(b) / s) / (math.pi * s)
     else:
 
@@ -92,7 +92,7 @@ def product_channel_mi(mu: float, s: float) -> float:
 
 
 def test_ground_truth_matches_theory_tables():
-    # THEORY §4.4 iii (quadrature 0.42034; MC 1.868 ± 0.008) and §4.4 ii (0.1114, 0.3368)
+    # docs/theory.md §4.4 iii (quadrature 0.42034; MC 1.868 ± 0.008) and §4.4 ii (0.1114, 0.3368)
     assert abs(product_channel_mi(0.0, 1.0) - 0.42034) < 1e-4
     assert abs(product_channel_mi(1.0, 0.3) - 1.868) < 3 * 0.008
     assert abs(mixture_mi_1d([-1, 1], [4, 4]) - 0.1114) < 1e-3
@@ -160,10 +160,10 @@ def _probes(m, dim, seed):
 
 
 def test_end_to_end_nuts_input_target_matches_exact_mixture():
-    """THEORY §4.4 ii acceptance: NUTS on §4.1's posterior, two probes, I(X;B) vs exact.
+    """docs/theory.md §4.4 ii acceptance: NUTS on §4.1's posterior, two probes, I(X;B) vs exact.
 
     Tolerance: 4 bootstrap SE (the Ross estimator is unbiased to < 0.01 nats at this N on
-    1-D Gaussian mixtures, checked against THEORY's table, so sampling error dominates).
+    1-D Gaussian mixtures, checked against the table of docs/theory.md, so sampling error dominates).
     """
     prob = make_problem(seed=2, din=2, k=1)
     post = _declare_linear(prob)
@@ -216,7 +216,7 @@ def mixture_mi_mc(means, covs, n=400_000, seed=0) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_end_to_end_reference_run_two_dimensional_output():
-    """THEORY §4.1 reference run (d_in = 3, k = 2, d = 6), B = W x ∈ R², two probes; NUTS.
+    """docs/theory.md §4.1 reference run (d_in = 3, k = 2, d = 6), B = W x ∈ R², two probes; NUTS.
 
     Exact I(X;B) by Monte Carlo with exact densities (SE ~1e-3); tolerance 4 bootstrap SE.
     """
@@ -245,10 +245,10 @@ def test_end_to_end_reference_run_two_dimensional_output():
 
 @pytest.mark.parametrize("mu,s", [(0.0, 1.0), (1.0, 0.3)])
 def test_channel_product_channel(mu, s):
-    """THEORY §4.4 iii: I(A'; W A') with A' ~ N(0,1) independent of W ~ N(μ, s²).
+    """docs/theory.md §4.4 iii: I(A'; W A') with A' ~ N(0,1) independent of W ~ N(μ, s²).
 
     KSG (k = 10) at N = 4000 pairs; tolerance max(4 SE, 0.03): on this heavy-tailed law
-    KSG's bias is of order 0.02 nats (THEORY §3.4.7 quotes 0.398 vs 0.420 at N = 5000).
+    KSG's bias is of order 0.02 nats (docs/theory.md §3.4.7 quotes 0.398 vs 0.420 at N = 5000).
     """
     exact = product_channel_mi(mu, s)
     ref = _product_ref(mu, s, 8000)
@@ -297,7 +297,7 @@ def _common_cause_post(var):
 
 
 def test_common_cause_observational_vs_channel():
-    """THEORY §3.4.4: shared weights alone create dependence; the channel target removes it.
+    """docs/theory.md §3.4.4: shared weights alone create dependence; the channel target removes it.
 
     Observational: jointly Gaussian, I = −½log(1 − ρ²), ρ = var/(var + 1). Channel: B
     does not depend on A at all, so I = 0. KSG (k = 10), tolerance max(4 SE, 0.03).
@@ -338,7 +338,7 @@ def test_input_target_saturates_at_log_m():
 
 
 def test_input_bound_violation_is_flagged(monkeypatch):
-    """An estimate above log m beyond its error must warn and be noted (THEORY §5.5)."""
+    """An estimate above log m beyond its error must warn and be noted (docs/theory.md §5.5)."""
     prob = make_problem(seed=2, din=2, k=1)
     post = _declare_linear(prob)
     mu, Sigma = prob.posterior()

@@ -1,4 +1,4 @@
-"""Information estimators on arrays against closed forms (THEORY §4.4).
+"""Information estimators on arrays against closed forms (docs/theory.md §4.4).
 
 Tolerances: ``4 × stderr`` where the estimator is (nearly) unbiased, with the stderr the
 estimator reports (bootstrap for Gaussian/plug-in, disjoint subsets for kNN, Monte Carlo
@@ -188,7 +188,7 @@ MIXTURE_TABLE = [(4.0, 0.1114), (1.0, 0.3368), (0.25, 0.6327), (0.01, 0.6931)]
 
 @pytest.mark.parametrize("v,exact", MIXTURE_TABLE)
 def test_gaussian_mixture_mi_table(v, exact):
-    # THEORY §4.4 (ii): two probes, B | x_{1,2} ~ N(∓1, v); the table is rounded to 4 digits
+    # docs/theory.md §4.4 (ii): two probes, B | x_{1,2} ~ N(∓1, v); the table is rounded to 4 digits
     r = info.gaussian_mixture_mi([-1.0, 1.0], [v, v])
     assert r.settings["method"] == "gauss-hermite"
     assert abs(r.value - exact) <= 5.1e-5
@@ -233,7 +233,7 @@ PRODUCT_TABLE = [((0.0, 1.0), 0.42034, 0.0), ((1.0, 0.3), 1.868, 0.008), ((1.0, 
 
 @pytest.mark.parametrize("mu_s,exact,exact_se", PRODUCT_TABLE)
 def test_default_estimator_product_channel(mu_s, exact, exact_se):
-    # B = W X, X ~ N(0,1), W ~ N(mu, s^2) (THEORY §4.4 iii). kNN => tolerance
+    # B = W X, X ~ N(0,1), W ~ N(mu, s^2) (docs/theory.md §4.4 iii). kNN => tolerance
     # max(4 sqrt(SE^2 + SE_table^2), 0.03 nats)
     mu, s = mu_s
     rng = np.random.default_rng(10)

@@ -1,6 +1,6 @@
 """condpost.jax: lift/temper/preserve/capture/init_to_center for NumPyro models in JAX.
 
-Ground truth: the log joint of THEORY §1.2 written out by hand with NumPy, and the torch
+Ground truth: the log joint of docs/theory.md §1.2 written out by hand with NumPy, and the torch
 declarative API (``LocalPosterior.log_density``) on the same linear model, at random
 weights, in float64 (agreement to rounding, ~1e-12 relative).
 """
@@ -83,7 +83,7 @@ def _numpyro_model(prob, probes, probes2):
 
 
 def _hand_log_joint(prob, probes, probes2, w):
-    """−U(w) + (d/2) log(γ/2π), THEORY §1.2, in NumPy."""
+    """−U(w) + (d/2) log(γ/2π), docs/theory.md §1.2, in NumPy."""
     d = prob.d
     W, Ws = w.reshape(prob.k, prob.din), prob.w_star.reshape(prob.k, prob.din)
     prior = -0.5 * prob.gamma * np.sum((w - prob.w_star) ** 2) + 0.5 * d * math.log(
@@ -253,7 +253,7 @@ def test_import_without_jax_names_the_extra():
 
 @pytest.mark.slow
 def test_numpyro_script_matches_exact_posterior():
-    """The primitives' model under NumPyro NUTS samples THEORY §4.1's exact posterior."""
+    """The primitives' model under NumPyro NUTS samples docs/theory.md §4.1's exact posterior."""
     import arviz as az
     from numpyro.infer import MCMC, NUTS
 

@@ -1,4 +1,4 @@
-"""THEORY §4.1: the exact conditioned posterior of a linear-Gaussian model, via the public API.
+"""docs/theory.md §4.1: the exact conditioned posterior of a linear-Gaussian model, via the public API.
 
 A bias-free ``nn.Linear`` with a ``Gaussian`` likelihood, ``Activations`` on two probes
 (the network output, a linear feature) and ``WeightZeroPattern`` on the small weights.
@@ -22,7 +22,7 @@ def _ess(x):
 
 
 def check_exact_posterior(prob, ref, min_ess=2000, check_stderr=True):
-    """The draws against the closed-form Gaussian posterior (THEORY §4.1).
+    """The draws against the closed-form Gaussian posterior (docs/theory.md §4.1).
 
     Means at 4 SE; the covariance entry by entry: Σ_ij is the mean of
     (w_i − μ_i)(w_j − μ_j), so its Monte Carlo SE is the SD of that product over √ESS of
@@ -148,7 +148,7 @@ def test_svi_mvn_matches_exact_posterior(perturb):
 
 @pytest.mark.slow
 def test_nuts_high_ess_matches_theory_reference_accuracy():
-    """THEORY §4.1's own reference accuracy: covariance within 2.5% and means within
+    """docs/theory.md §4.1's own reference accuracy: covariance within 2.5% and means within
     0.02 posterior sd at ESS ≳ 10⁴ (slow: `python -m pytest -m slow`)."""
     prob = make_problem(seed=3)
     _, post = _declare(prob, True)

@@ -1,4 +1,4 @@
-"""THEORY §4.2: the regular model's exact finite-γ LLC and the optimisation-gap formula.
+"""docs/theory.md §4.2: the regular model's exact finite-γ LLC and the optimisation-gap formula.
 
 Whitened inputs (XᵀX/n = I), s = 1, d = 6, n = 1000, nβ = n/log n: every a_k = nβ, so
 E[λ̂] = ½ Σ_k a_k/(a_k + γ) = 3·nβ/(nβ + γ). Tolerance: 4 Monte Carlo standard errors
@@ -14,7 +14,7 @@ from analytic import linear_net, whitened_problem
 
 import condpost as cp
 
-TABLE = {0.1: 2.9979, 1.0: 2.9794, 10.0: 2.8062, 100.0: 1.7743}  # THEORY §4.2
+TABLE = {0.1: 2.9979, 1.0: 2.9794, 10.0: 2.8062, 100.0: 1.7743}  # docs/theory.md §4.2
 
 
 def _se(x):
@@ -54,7 +54,7 @@ def gamma_seed(g):
 
 @pytest.mark.parametrize("shift", [0.02, 0.05])
 def test_gap_formula_for_non_minimal_center(shift):
-    """E[λ̂] = d/2 − nβ·(L_n(w*) − L_n(ŵ)) as γ → 0; can be negative (THEORY §4.2, §5.4)."""
+    """E[λ̂] = d/2 − nβ·(L_n(w*) − L_n(ŵ)) as γ → 0; can be negative (docs/theory.md §4.2, §5.4)."""
     prob = whitened_problem(gamma=1e-3, seed=5)
     w_hat = prob.w_star.copy()
     g = np.random.default_rng(0).standard_normal(prob.d)

@@ -4,7 +4,7 @@ Ground truth checked against the saved network, independently of the example's c
 the data ((a + b) mod p, regenerated here), the training loss and accuracy it claims, the
 parameter counts, nβ = n/log n, and that every λ̂ is finite and lies in (0, d/2] (at a
 trained ``w*`` the local posterior has E[λ̂] > 0, and in the local quadratic model
-λ̂ = ½ Σ_k a_k/(a_k + γ) ≤ d/2, THEORY §4.2).
+λ̂ = ½ Σ_k a_k/(a_k + γ) ≤ d/2, docs/theory.md §4.2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""THEORY §4.2's non-Gaussian regular check: logistic regression (Bernoulli and Categorical paths).
+"""docs/theory.md §4.2's non-Gaussian regular check: logistic regression (Bernoulli and Categorical paths).
 
 For a regular model at large nβ the local posterior is nearly Gaussian with precision
 nβ·H + γI (H: Hessian of L_n at the MLE, computed here in closed form with NumPy), so

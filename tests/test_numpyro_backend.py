@@ -1,4 +1,4 @@
-"""The NumPyro backend (``backend="numpyro"``) against THEORY §4.1/§4.2 ground truth.
+"""The NumPyro backend (``backend="numpyro"``) against docs/theory.md §4.1/§4.2 ground truth.
 
 The same checks, with the same tolerances, as the Pyro backend's tests
 (tests/test_linear_gaussian.py, tests/test_llc_regular.py): Monte Carlo standard errors
@@ -26,7 +26,7 @@ RUN = dict(chains=4, warmup=300, seed=3, progress=False, backend="numpyro")
 
 @pytest.fixture(scope="module")
 def constrained():
-    """THEORY §4.1 at a perturbed w* with both linear-Gaussian constraints."""
+    """docs/theory.md §4.1 at a perturbed w* with both linear-Gaussian constraints."""
     prob = make_problem(seed=1, perturb=0.05)
     w0 = prob.w_star.copy()
     net, post = _declare(prob, True)
@@ -127,7 +127,7 @@ def test_divergences_are_kept_flagged_and_counted():
     assert ref.summary(warn_user=False).divergences == 60
 
 
-GAMMA_TABLE = {1.0: 2.9794, 10.0: 2.8062, 100.0: 1.7743}  # THEORY §4.2
+GAMMA_TABLE = {1.0: 2.9794, 10.0: 2.8062, 100.0: 1.7743}  # docs/theory.md §4.2
 
 
 @pytest.mark.parametrize(
@@ -191,6 +191,35 @@ def test_svi_other_guides_match_pyro_fixed_points(guide):
     if guide == "normal":  # the mean-field optimum is unique: diag(Σ⁻¹)⁻¹
         P = np.linalg.inv(prob.posterior()[1])
         np.testing.assert_allclose(np.diag(a.covariance().numpy()), 1 / np.diag(P), rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["pyro", "numpyro"])
+def test_svi_lowrank_default_rank_is_shared(backend):
+    """Both executors' low-rank guides default to default_rank(d) = ⌈√d⌉ (here 3 for d = 6,
+    where NumPyro's own default, round(√d), would give 2)."""
+    from condpost.infer.base import default_rank
+
+    prob = make_problem(seed=1)
+    _, post = _declare(prob, False)
+    fit = post.fit("svi", backend=backend, guide="lowrank", steps=5, average=0.0, progress=False)
+    r = default_rank(post.d)
+    assert post.d == 6 and r == 3
+    assert fit.settings["rank"] == r
+    q = fit.distribution
+    assert isinstance(q, torch.distributions.LowRankMultivariateNormal)
+    assert q.cov_factor.shape == (post.d, r)
+    assert q.loc.dtype == post.dtype and q.loc.device == post.center.device
+
+
+def test_svi_unknown_option_did_you_mean():
+    from condpost.infer.numpyro_svi import run_numpyro_svi
+
+    prob = make_problem(seed=1)
+    _, post = _declare(prob, False)
+    with pytest.raises(TypeError, match="did you mean 'num_particles'"):
+        post.fit("svi", backend="numpyro", num_particle=2)
+    with pytest.raises(TypeError, match="did you mean 'lr_decay'"):
+        run_numpyro_svi(post, lr_decy=0.1)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """SG-MCMC (issue 5): accuracy against exact targets, determinism, vectorization, resume.
 
-Ground truth comes from closed forms (THEORY §4.1–4.2, computed in ``analytic.py`` or
+Ground truth comes from closed forms (docs/theory.md §4.1–4.2, computed in ``analytic.py`` or
 here from the design matrix with NumPy), never from condpost itself. Tolerances: the
 larger of 3% (the issue's acceptance bound, which also covers SGLD's O(ε) discretisation
 bias at the step sizes used) and 4 Monte Carlo standard errors, the standard error from
@@ -38,12 +38,12 @@ def _post(gamma=1.0, seed=4, **kw):
 
 
 # ---------------------------------------------------------------------------------------
-# accuracy: THEORY §4.2 regular model
+# accuracy: docs/theory.md §4.2 regular model
 # ---------------------------------------------------------------------------------------
 
 
 def test_sgld_llc_matches_exact_finite_gamma():
-    """SGLD λ̂ within max(3%, 4 MC s.e.) of ½Σ a_k/(a_k+γ) = 2.9794 (γ = 1, THEORY §4.2)."""
+    """SGLD λ̂ within max(3%, 4 MC s.e.) of ½Σ a_k/(a_k+γ) = 2.9794 (γ = 1, docs/theory.md §4.2)."""
     prob, post = _post(gamma=1.0)
     exact = prob.expected_nbeta_dL()
     assert exact == pytest.approx(2.9794, abs=1e-4)
@@ -64,7 +64,7 @@ def test_sgld_llc_matches_exact_finite_gamma():
     assert abs(lam.mean - exact) <= tol, (lam.mean, exact, tol)
     assert lam.nbeta == post.nbeta and lam.localization == 1.0 and len(lam.per_chain) == 16
     assert any("independent random batch" in nt for nt in lam.notes)
-    # the virial identity E[(w − w*)·∇U]/d = 1 holds for the draws (THEORY §5.2)
+    # the virial identity E[(w − w*)·∇U]/d = 1 holds for the draws (docs/theory.md §5.2)
     s = ref.summary(warn_user=False)
     assert abs(s.virial_ratio - 1) <= max(0.03, 4 * s.virial_stderr)
 
@@ -352,7 +352,7 @@ def test_divergence_names_chain_and_step():
 
 
 def test_negative_llc_warns_in_plain_words():
-    """w* displaced from the minimizer: E[λ̂] = d/2 − nβ·gap < 0 (THEORY §4.2)."""
+    """w* displaced from the minimizer: E[λ̂] = d/2 − nβ·gap < 0 (docs/theory.md §4.2)."""
     prob = whitened_problem(gamma=1.0, seed=5)
     g = np.random.default_rng(0).standard_normal(prob.d)
     prob.w_star = prob.w_star + 0.3 * g / np.linalg.norm(g)
@@ -451,7 +451,7 @@ def test_weight_refined_llc_exact(include):
 
 def test_data_refined_llc_follows_gap_formula():
     """L_n on another dataset: w* (fit on D) is not the minimizer there, so the exact
-    target is ½tr(AΣ) + ½δᵀAδ + g*ᵀδ of THEORY §4.1 on the new data (analytic.py)."""
+    target is ½tr(AΣ) + ½δᵀAδ + g*ᵀδ of docs/theory.md §4.1 on the new data (analytic.py)."""
     p1 = make_problem(n=300, s=0.5, gamma=2.0, seed=1)
     p2 = make_problem(n=300, s=0.5, gamma=2.0, seed=2)
     q = LinearGaussianProblem(p2.X, p2.Y, p2.s, p2.nbeta, 2.0, p1.w_star, [])
@@ -515,7 +515,7 @@ def test_wbic_matches_closed_form():
 
 
 # ---------------------------------------------------------------------------------------
-# slow: deep linear networks at THEORY §4.3's safe points, against NUTS at the same (nβ, γ)
+# slow: deep linear networks at docs/theory.md §4.3's safe points, against NUTS at the same (nβ, γ)
 # ---------------------------------------------------------------------------------------
 
 
@@ -560,7 +560,7 @@ def _dln_post(point, n=1000, gamma=1.0):
 )
 def test_dln_llc_matches_nuts_at_same_nbeta_gamma(point, method, step):
     """λ̂ by SG-MCMC within max(3%, 4 combined MC s.e.) of NUTS's (the exact target at this
-    (nβ, γ), THEORY §4.3); the gap to Aoyagi's asymptotic λ is printed, not asserted."""
+    (nβ, γ), docs/theory.md §4.3); the gap to Aoyagi's asymptotic λ is printed, not asserted."""
     pytest.importorskip("numpyro")
     post, aoyagi = _dln_post(point)
     # NumPyro NUTS on the exported potential: the same target as Pyro NUTS, several times

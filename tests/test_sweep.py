@@ -1,7 +1,7 @@
 """``condpost.sweep``: curves over the precision scale against closed forms.
 
-The linear-Gaussian model of THEORY §4.1 has the exact posterior N(μ, Σ(nβ, γ, σ)), so
-``I(X;B)`` for two probes (THEORY §4.4 ii) is known in closed form (1-D quadrature) at
+The linear-Gaussian model of docs/theory.md §4.1 has the exact posterior N(μ, Σ(nβ, γ, σ)), so
+``I(X;B)`` for two probes (docs/theory.md §4.4 ii) is known in closed form (1-D quadrature) at
 every nβ, γ and tolerance, and so is the weighted least-squares line through it. The
 default tests sample with an exact Gaussian sampler (a callable ``method``) to isolate the
 sweep machinery from MCMC error and stay fast; a slow test repeats the nβ sweep with NUTS.
@@ -142,7 +142,7 @@ def test_slope_weighted_least_squares_by_hand():
 
 def test_tolerance_sweep_matches_closed_form():
     """Tightening an output constraint on a third probe sharpens B: I(X;B) follows the
-    exact conditioned posterior at each σ (THEORY §4.1); tolerance max(4 SE, 0.03)."""
+    exact conditioned posterior at each σ (docs/theory.md §4.1); tolerance max(4 SE, 0.03)."""
     prob = _problem()
     post = _post(prob, constrained=True, tol=1.0)._replace(nbeta=3.0)
     tols = [1.0, 0.3, 0.1, 0.03]

@@ -14,7 +14,7 @@ statistics during warmup:
   chains. Either way the jitter never depends on the state, so every post-warmup
   transition leaves the target invariant. (With Halton jitter after warmup the chains
   are periodically inhomogeneous and ArviZ's ESS of quadratic statistics came out too
-  optimistic: z-scores of ``E[nβΔL]`` on THEORY §4.1 had SD 1.45 over 12 seeds, against
+  optimistic: z-scores of ``E[nβΔL]`` on docs/theory.md §4.1 had SD 1.45 over 12 seeds, against
   0.95 with uniform jitter.)
 * **Trajectory length by ChEES.** ``T`` ascends the ChEES criterion
   ``¼E[(‖θ'−E θ‖² − ‖θ−E θ‖²)²]`` (computed in the whitened coordinates

@@ -10,7 +10,7 @@ The declaration is the same ``LocalPosterior`` the Pyro backend uses; its potent
 
 is exported once to a pure, jittable JAX function of the flat lifted vector
 (``condpost.export.to_jax``), and NumPyro's kernels run on it in potential form
-(``NUTS(potential_fn=U)``, THEORY §1.5), started at ``w*``.
+(``NUTS(potential_fn=U)``, docs/theory.md §1.5), started at ``w*``.
 
 The driver is a thin loop over NumPyro's kernel contract (``kernel.init`` →
 ``kernel.sample``): blocks of iterations run inside one compiled ``lax.fori_loop``,

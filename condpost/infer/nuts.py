@@ -1,6 +1,6 @@
 """Pyro NUTS/HMC on the potential form ``U(w)``, started at ``w*``.
 
-The potential form (``NUTS(potential_fn=...)``, THEORY §1.5) is exact and avoids
+The potential form (``NUTS(potential_fn=...)``, docs/theory.md §1.5) is exact and avoids
 re-tracing the Pyro model at every gradient. Chains run one after another in this
 process, each from ``w*`` with its own seed stream; the user's global RNG state is
 left untouched.

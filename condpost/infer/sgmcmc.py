@@ -1,6 +1,6 @@
 """Stochastic-gradient MCMC on the local potential, with chains vectorized by ``torch.func``.
 
-All three samplers target ``π(w) ∝ e^{−U(w)}`` with the potential (THEORY §1.5)
+All three samplers target ``π(w) ∝ e^{−U(w)}`` with the potential (docs/theory.md §1.5)
 
 .. math::
 
@@ -10,7 +10,7 @@ and replace ``L_n`` by the mean loss ``L_B`` on a minibatch ``B`` of ``m`` sampl
 *with replacement* (so each batch is independent of the current weights). Constraints
 are evaluated full-batch on their fixed probes. Writing ``g = ∇U_B(w)`` and ``ξ ~ N(0, I)``:
 
-* ``sgld`` (Welling & Teh 2011; devinterp's convention, THEORY §1.5):
+* ``sgld`` (Welling & Teh 2011; devinterp's convention, docs/theory.md §1.5):
   ``w' = w − (ε/2) g + √ε ξ``.
 * ``rmsprop_sgld`` (preconditioned SGLD, Li, Chen, Carlson & Carin 2016, AAAI,
   "Preconditioned stochastic gradient Langevin dynamics for deep neural networks"):
@@ -63,7 +63,7 @@ divergence checks are computed per window of draws (one host transfer per window
 synchronisation per step). The draws and statistics are those of the plain step-by-step
 computation (same random streams; equal up to floating-point rounding).
 
-The kernels follow the infer contract of DESIGN.md: ``kernel.init(chains, seed) ->
+The kernels follow the sampler contract (docs/architecture.md): ``kernel.init(chains, seed) ->
 state`` and ``kernel.step(rng_key, state, batch=None) -> (state, info)`` with immutable
 ``NamedTuple`` state; ``run_sgmcmc`` (behind ``LocalPosterior.sample``) drives them.
 """
@@ -155,7 +155,7 @@ class StepInfo(NamedTuple):
     potential : Tensor ``[C]``
         Minibatch potential ``U_B(w_t)``.
     virial : Tensor ``[C]``
-        ``(w_t − w*)·∇U_B(w_t)``, an unbiased estimate of the virial term (THEORY §5.2).
+        ``(w_t − w*)·∇U_B(w_t)``, an unbiased estimate of the virial term (docs/theory.md §5.2).
     grad : Tensor ``[C, d]``
         ``∇U_B(w_t)``.
     precond : Tensor ``[C, d]`` or None
@@ -964,7 +964,7 @@ def run_sgmcmc(
         per chain (``ref.loss()``), all measured; use it to save loss evaluations when
         draws are strongly autocorrelated.
     loss : {"independent", "gradient", "full"}
-        How each measured draw's ``L_n(w)`` is estimated (THEORY §5.3):
+        How each measured draw's ``L_n(w)`` is estimated (docs/theory.md §5.3):
 
         * ``"independent"`` (default): on a fresh random batch of ``loss_batch_size``
           samples, independent of the gradient batches, *paired* with ``w*`` on the same

@@ -9,7 +9,7 @@ reported moments are Polyak-averaged over the final iterates. The guide is start
 ``init_to_value`` would share the tensor, and Adam would then move ``w*`` in place).
 
 Gaussian variational families under-disperse on singular, ridge-shaped posteriors:
-use SVI for exploration and initialisation, not for LLC or MI (THEORY §1.5).
+use SVI for exploration and initialisation, not for LLC or MI (docs/theory.md §1.5).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``mutual_information(x, y, estimator=...)`` and ``entropy(x, ...)`` work on arrays
 (numpy or torch, ``[N]`` or ``[N, d]``). Given a :class:`condpost.ReferenceClass` as the
-first argument, they compute the ensemble targets of THEORY §3.4.5 instead
+first argument, they compute the ensemble targets of docs/theory.md §3.4.5 instead
 (``condpost.info.ensemble``). Estimators and their biases: ``docs/estimators.md``.
 
 This package imports numpy, scipy and torch only (never jax).

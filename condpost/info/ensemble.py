@@ -1,4 +1,4 @@
-"""Mutual information and entropy across a reference class (THEORY §3.4).
+"""Mutual information and entropy across a reference class (docs/theory.md §3.4).
 
 For one fixed network the activations at two sites are deterministic functions of
 each other, so ``I(A;B | W=w)`` is infinite (continuous inputs) or trivially the
@@ -6,7 +6,7 @@ entropy of the probe partition (finite probe set). Over the (conditioned) temper
 local posterior, with weights ``W ~ π_C`` independent of the input ``X``, the
 weight noise turns the network into a channel and the mutual information becomes
 finite; it depends on the precision scale ``(nβ, γ, σ_c)``, which every result
-records. Three targets (THEORY §3.4.5):
+records. Three targets (docs/theory.md §3.4.5):
 
 ``"observational"``
     ``I(A;B)`` under the joint law of ``(X, W)``, ``A = g_A(X, W)``, ``B = g_B(X, W)``.
@@ -20,7 +20,7 @@ records. Three targets (THEORY §3.4.5):
     ``I ≤ log m``, checked): how well the ensemble's activations at ``b`` tell the
     probes apart when one does not know which member of the class ran.
 
-Sampling design (THEORY §3.4.7). ``S`` weight draws × ``m`` probes give ``S·m`` pairs
+Sampling design (docs/theory.md §3.4.7). ``S`` weight draws × ``m`` probes give ``S·m`` pairs
 that are *not* independent: pairs that share a weight draw (or a probe) are coupled,
 and k-nearest-neighbour estimators, which assume iid pairs, read that coupling as
 information. Every estimate here is therefore built from **iid pairs**: pair ``i``
@@ -536,7 +536,7 @@ def mutual_information(
     progress: bool = True,
     **estimator_opts,
 ):
-    """Mutual information between two sites across a reference class (THEORY §3.4.5).
+    """Mutual information between two sites across a reference class (docs/theory.md §3.4.5).
 
     Parameters
     ----------

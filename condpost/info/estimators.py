@@ -962,7 +962,7 @@ def entropy(
 
 
 # --------------------------------------------------------------------------------------
-# exact Gaussian-mixture MI (finite probe sets; THEORY §4.4 ii)
+# exact Gaussian-mixture MI (finite probe sets; docs/theory.md §4.4 ii)
 # --------------------------------------------------------------------------------------
 
 
@@ -996,7 +996,7 @@ def gaussian_mixture_mi(
         I(X;B) = \sum_j w_j\, \mathbb{E}_{b\sim N_j}\Big[\log N_j(b)
                  - \log \sum_k w_k N_k(b)\Big] \;\le\; H(w) \;(= \log m \text{ if uniform})
 
-    (THEORY §4.4 ii). Computed by tensor-product Gauss–Hermite quadrature per component
+    (docs/theory.md §4.4 ii). Computed by tensor-product Gauss–Hermite quadrature per component
     when ``d ≤ 2`` (error estimate: difference between ``nodes`` and ``nodes/2``), else by
     stratified Monte Carlo with exact densities (``n_samples`` per component; standard
     error from the per-component sample variances).

@@ -10,7 +10,7 @@ model written with them has the log joint
       + \\beta \\sum_i \\log p(y_i \\mid x_i, w) - \\sum_c \\rho_c D_c(w),
     \\qquad \\beta = n\\beta / n,
 
-i.e. ``−U(w)`` of THEORY §1.2 plus the local prior's normaliser ``(d/2) log(γ/2π)``.
+i.e. ``−U(w)`` of docs/theory.md §1.2 plus the local prior's normaliser ``(d/2) log(γ/2π)``.
 Each primitive is an ordinary ``numpyro.sample`` statement or a small
 ``numpyro.primitives.Messenger``, so they compose with NumPyro's handlers (``trace``,
 ``substitute``, ``condition``, ``block``, ``seed``, ``scale``).
