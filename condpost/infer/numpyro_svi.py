@@ -18,7 +18,15 @@ as on the Pyro side. NumPyro's built-in ELBOs do not offer it, so it is a small
 ``replay``, ``substitute``) and ``numpyro.infer.util.log_density``: the guide is traced
 with its parameters, then ``log q`` is re-evaluated at the traced draw with the
 parameters behind ``stop_gradient``. Its value is ``Trace_ELBO``'s; only the gradient's
-noise differs (it vanishes where the guide matches the target).
+noise differs (it vanishes where the guide matches the target). With ``Trace_ELBO`` the
+full-covariance fit of the linear-Gaussian test problem misses the closed-form posterior
+by ~5% after 4000 steps, against ~1e-11 with this estimator.
+
+The autoguide, the ``SVI`` object and the compiled block program are cached on the
+declaration (with the export, ``condpost.infer.numpyro.jp_cache``), keyed by every option
+they depend on; the seed enters only through ``SVI.init``, so fits that differ only in
+``seed`` or ``progress`` reuse them. ``compile_time_s`` counts ``SVI.init`` (on a first
+fit, the autoguide's eager set-up) and the compilation.
 
 Gaussian variational families under-disperse on singular, ridge-shaped posteriors:
 use SVI for exploration and initialisation, not for LLC or MI (THEORY §1.5).
@@ -132,6 +140,66 @@ def _torch_distribution(m: dict, guide: str):
     return torch.distributions.MultivariateNormal(m["loc"], covariance_matrix=m["cov"])
 
 
+def _build(
+    post, use64, guide, steps, lr, lr_decay, num_particles, rank, init_scale, avg_from, block_size
+):
+    """``(svi, moments, run_block)``: NumPyro's SVI on the model of the module docstring,
+    and the block program ``(carry, n) -> (carry, losses)`` that runs ``n ≤ block_size``
+    ``svi.update`` steps and accumulates the Polyak averages."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from jax import lax
+    from jax.example_libraries.optimizers import exponential_decay
+    from numpyro.infer import SVI
+    from numpyro.infer.initialization import init_to_value
+
+    # the jitted wrapper of the export: the autoguide's (eager) set-up evaluates U
+    # compiled; inside the SVI program it inlines
+    U = jp_cache(post, use64)["potential"]
+    fdtype = jnp.float64 if use64 else jnp.float32
+    center = jnp.asarray(post.center.detach().cpu().numpy(), dtype=fdtype)
+    gam = float(post.localization)
+    sd = jnp.full_like(center, gam**-0.5)
+
+    def model():
+        w = numpyro.sample("w", dist.Normal(center, sd).to_event(1))
+        u = U(w) - 0.5 * gam * jnp.sum((w - center) ** 2)
+        numpyro.factor("condpost/loss_and_constraints", -u)
+
+    kw = {"init_loc_fn": init_to_value(values={"w": center}), "init_scale": float(init_scale)}
+    if guide == "lowrank":
+        kw["rank"] = rank
+    g = _autoguide(guide)(model, **kw)
+    # lr·lr_decay^(t/steps) at step t (torch's ExponentialLR with γ = lr_decay^(1/steps))
+    optim = numpyro.optim.Adam(step_size=exponential_decay(float(lr), steps, float(lr_decay)))
+    svi = SVI(model, g, optim, _stl_elbo_class()(num_particles=int(num_particles)))
+
+    def moments(st):
+        return _moments(g.get_posterior(svi.get_params(st)), guide)
+
+    def accumulate(acc, navg, st):
+        navg = navg + 1
+        return jax.tree.map(lambda a, x: a + (x - a) / navg, acc, moments(st)), navg
+
+    def run_block(carry, n):
+        def body(i, c):
+            st, t, acc, navg, losses = c
+            st, loss = svi.update(st)
+            losses = lax.dynamic_update_index_in_dim(losses, loss, i, 0)
+            # Polyak–Ruppert averages over steps avg_from, …, steps − 1
+            acc, navg = lax.cond(t >= avg_from, accumulate, lambda a, k, _: (a, k), acc, navg, st)
+            return st, t + 1, acc, navg, losses
+
+        st, t, acc, navg = carry
+        losses = jnp.zeros((block_size,), fdtype)
+        st, t, acc, navg, losses = lax.fori_loop(0, n, body, (st, t, acc, navg, losses))
+        return (st, t, acc, navg), losses
+
+    return svi, moments, run_block
+
+
 def run_numpyro_svi(
     post: LocalPosterior,
     *,
@@ -203,16 +271,10 @@ def run_numpyro_svi(
     jax = _import_jax()
     import jax.numpy as jnp
     import numpyro
-    import numpyro.distributions as dist
-    from jax import lax
-    from jax.example_libraries.optimizers import exponential_decay
-    from numpyro.infer import SVI
-    from numpyro.infer.initialization import init_to_value
 
     steps = int(steps)
     d = post.d
-    gam = float(post.localization)
-    sd = gam**-0.5
+    sd = float(post.localization) ** -0.5
     if init_scale is None:
         init_scale = 0.1 * min(sd, 1.0)
     if not init_scale > 0:
@@ -231,54 +293,47 @@ def run_numpyro_svi(
     avg_from = steps - int(average * steps)
 
     with jax.enable_x64(use64):
-        jp, export_s, _ = _cached_export(post, use64)
-        # the jitted wrapper: the autoguide's (eager) set-up evaluates U once, compiled;
-        # inside the SVI program it inlines
-        U = jp_cache(post, use64)["potential"]
-        fdtype = jnp.float64 if use64 else jnp.float32
-        center = jnp.asarray(post.center.detach().cpu().numpy(), dtype=fdtype)
-
-        def model():
-            w = numpyro.sample("w", dist.Normal(center, jnp.full_like(center, sd)).to_event(1))
-            u = U(w) - 0.5 * gam * jnp.sum((w - center) ** 2)
-            numpyro.factor("condpost/loss_and_constraints", -u)
-
-        kw = {"init_loc_fn": init_to_value(values={"w": center}), "init_scale": float(init_scale)}
-        if guide == "lowrank":
-            kw["rank"] = rank
-        g = _autoguide(guide)(model, **kw)
-        optim = numpyro.optim.Adam(step_size=exponential_decay(float(lr), steps, float(lr_decay)))
-        svi = SVI(model, g, optim, _stl_elbo_class()(num_particles=int(num_particles)))
-
+        _, export_s, _ = _cached_export(post, use64)
+        cache = jp_cache(post, use64)
+        # everything the compiled program depends on; the seed enters through the state
+        ckey = (
+            "svi",
+            guide,
+            steps,
+            float(lr),
+            float(lr_decay),
+            int(num_particles),
+            rank if guide == "lowrank" else None,
+            float(init_scale),
+            avg_from,
+            block_size,
+        )
+        hit = cache.get(ckey)
         t0 = time.perf_counter()
-        state = svi.init(jax.random.PRNGKey(int(seed)))
-
-        def moments(st):
-            return _moments(g.get_posterior(svi.get_params(st)), guide)
-
-        def run_block(carry, n):
-            def accumulate(acc, navg, st):
-                navg = navg + 1
-                cur = moments(st)
-                return jax.tree.map(lambda a, x: a + (x - a) / navg, acc, cur), navg
-
-            def body(i, c):
-                st, t, acc, navg, losses = c
-                st, loss = svi.update(st)
-                losses = lax.dynamic_update_index_in_dim(losses, loss, i, 0)
-                acc, navg = lax.cond(
-                    t >= avg_from, accumulate, lambda a, k, _: (a, k), acc, navg, st
-                )
-                return st, t + 1, acc, navg, losses
-
-            st, t, acc, navg = carry
-            losses = jnp.zeros((block_size,), fdtype)
-            st, t, acc, navg, losses = lax.fori_loop(0, n, body, (st, t, acc, navg, losses))
-            return (st, t, acc, navg), losses
-
+        if hit is None:
+            svi, moments, run_block = _build(
+                post,
+                use64,
+                guide,
+                steps,
+                lr,
+                lr_decay,
+                num_particles,
+                rank,
+                init_scale,
+                avg_from,
+                block_size,
+            )
+        else:
+            svi, moments, compiled = hit
+        with numpyro.validation_enabled(False):  # eager checks of our own fixed model only
+            state = svi.init(jax.random.PRNGKey(int(seed)))
         acc0 = jax.tree.map(jnp.zeros_like, moments(state))
+        fdtype = acc0["loc"].dtype
         carry = (state, jnp.asarray(0, jnp.int32), acc0, jnp.asarray(0.0, fdtype))
-        compiled = jax.jit(run_block).lower(carry, 0).compile()
+        if hit is None:
+            compiled = jax.jit(run_block).lower(carry, 0).compile()
+            cache[ckey] = (svi, moments, compiled)
         compile_s = time.perf_counter() - t0
 
         losses = np.empty(steps)
@@ -337,6 +392,7 @@ def run_numpyro_svi(
         "gradient_estimator": "sticking-the-landing",
         "export_time_s": export_s,
         "compile_time_s": compile_s,
+        "compile_cached": hit is not None,
         "run_time_s": run_s,
         "wall_time_s": compile_s + run_s,
         "gradient_evaluations": steps * int(num_particles),
