@@ -615,7 +615,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for every sampler")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--chains", default="4,16", help="chain counts for the speed table")
-    p.add_argument("--speed-widths", default="5,4,3,4", help="DLN of the speed table (the anchor's)")
+    p.add_argument(
+        "--speed-widths", default="5,4,3,4", help="DLN of the speed table (the anchor's)"
+    )
     p.add_argument("--speed-warmup", type=int, default=200)
     p.add_argument("--speed-draws", type=int, default=1000)
     p.add_argument("--speed-step", type=float, default=1e-5)
@@ -635,7 +637,9 @@ def main(argv=None) -> None:
     p.add_argument("--anchors-gamma", type=float, default=100.0)
     p.add_argument("--anchors-step", type=float, default=1e-5)
     p.add_argument("--anchors-noise", type=float, default=1.0, help="label noise sd")
-    p.add_argument("--skip-anchors-case", action="store_true", help="only the theory page's two safe points")
+    p.add_argument(
+        "--skip-anchors-case", action="store_true", help="only the theory page's two safe points"
+    )
     p.add_argument("--nuts-backend", default=None, help="numpyro (default if jax) or pyro")
     p.add_argument("--nuts-chains", type=int, default=4)
     p.add_argument("--nuts-warmup", type=int, default=1000)

@@ -214,8 +214,10 @@ class ReferenceClass:
                 settings["draws_requested"] = settings.get("draws", S)
                 settings["draws"] = keep
                 draws = draws[:, :keep]
-                stats = {k: v[:, :keep] if v.ndim >= 2 and v.shape[1] == S else v
-                         for k, v in stats.items()}
+                stats = {
+                    k: v[:, :keep] if v.ndim >= 2 and v.shape[1] == S else v
+                    for k, v in stats.items()
+                }
                 S = keep
         names = [f"defect/{b.name}" for b in post.constraints]
         need_loss = "loss" not in stats

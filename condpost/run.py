@@ -107,7 +107,9 @@ def sample(
     backend, note = pick_backend(post, m, backend)
     fn = registry.runner(m, backend)
     names, var = registry.options(fn)
-    requested = options.pop("num_threads", None) if backend in _TORCH else None
+    # torch's intra-op threads while the run lasts, on every executor (JAX executors use
+    # torch only around the run; their own threading is fixed when jax is imported)
+    requested = options.pop("num_threads", None)
     if not var:
         check_options(
             {k: v for k, v in options.items() if k not in names},
@@ -132,8 +134,9 @@ def sample(
             result = fn(post, **common, **options)
         threads = nt
     else:
-        result = fn(post, **common, **options)
-        threads = None
+        with fastest_threads(None, requested, device=post.device):
+            result = fn(post, **common, **options)
+        threads = requested
     if not isinstance(result, SampleResult):  # pragma: no cover - a user's runner
         raise TypeError(
             f"the runner of method={m.name!r}, backend={backend!r} returned "

@@ -48,6 +48,7 @@ Guarantees
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import socket
@@ -392,7 +393,8 @@ def _read_checkpoint(path: Path, meta: dict, *, for_resume: bool) -> dict | None
     if not ck.exists():
         return None
     try:
-        with open(ck, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+        # read the bytes first: no file handle can outlive a failed parse
+        with np.load(io.BytesIO(ck.read_bytes()), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
         raise StoreError(
@@ -760,9 +762,9 @@ class RunStore:
 
     # ------------------------------------------------------------------ state
     def load_state(self, post: LocalPosterior):
-        """The sampler state saved with the last checkpoint (None if there is none)."""
-        from .infer.sgmcmc import SGMCMCState
-
+        """The sampler state saved with the last checkpoint, as the keyword arguments of
+        the sampler's state (``SGMCMCState(**saved)``); None if there is none. The store
+        does not import the sampler: it sits below it."""
         ck = self._ckpt
         if ck is None:
             return None
@@ -773,7 +775,7 @@ class RunStore:
             return torch.as_tensor(ck[name]).to(dtype=post.dtype, device=post.device)
 
         rng = tuple(torch.as_tensor(r) for r in ck["rng"])
-        return SGMCMCState(
+        return dict(
             w=t("w"),
             rng=rng,
             step=int(ck["step"]),

@@ -254,7 +254,6 @@ def run_numpyro_mcmc(
     chain_method: str | None = None,
     x64: bool | None = None,
     block_size: int | None = None,
-    num_threads: int | None = None,
 ):
     """NUTS or HMC with NumPyro on the exported potential; returns a ``ReferenceClass``.
 
@@ -307,12 +306,6 @@ def run_numpyro_mcmc(
         raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
     if not init_jitter >= 0:
         raise ValueError(f"init_jitter must be ≥ 0; got {init_jitter!r}")
-    if num_threads is not None:
-        raise ValueError(
-            "num_threads sets torch's intra-op threads and applies to backend='pyro' only. "
-            "JAX's CPU threading is fixed when jax is first imported (XLA_FLAGS); drop the "
-            "option for backend='numpyro'."
-        )
     ndev = len(jax.devices())
     if chain_method is None:
         if chains == 1:

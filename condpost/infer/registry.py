@@ -159,7 +159,7 @@ def runner(m: Method, backend: str) -> Callable:
     if backend not in m.backends:
         raise ValueError(
             f"backend={backend!r} is not available for method={m.name!r}; choose one of "
-            f"{sorted(m.backends)}"
+            f"{sorted(m.backends)} (pass backend={m.default!r}, or leave it unset)"
         )
     fn = _resolve(m.backends[backend])
     m.backends[backend] = fn

@@ -1143,7 +1143,8 @@ def run_sgmcmc(
             },
             resume=resume,
         )
-        state = rs.load_state(post) if rs.done_draws or rs.state_step else None
+        saved = rs.load_state(post) if rs.done_draws or rs.state_step else None
+        state = SGMCMCState(**saved) if saved is not None else None
         stats = rs.stats
         draws_buf = None
     else:
@@ -1432,6 +1433,8 @@ def run_sgmcmc(
     if rs is not None:
         if fault is None:
             rs.finish(settings)
+        else:
+            rs.close()  # release the writer lock; the last checkpoint stays resumable
         draws_arr = rs.draws_view() if keep_draws else None
     else:
         draws_arr = draws_buf
