@@ -52,10 +52,16 @@ __all__ = [
     "export_function",
     "ExportedFunction",
     "JaxPotential",
+    "ExportError",
     "UnsupportedOpError",
     "supported_ops",
     "enable_x64",
 ]
+
+
+class ExportError(NotImplementedError):
+    """``torch.export`` could not trace the potential (data-dependent Python control flow,
+    an untraceable op, ...). The message names the cause; ``__cause__`` is torch's error."""
 
 
 class UnsupportedOpError(NotImplementedError):
@@ -362,7 +368,15 @@ def export_function(
         precision = jax.lax.Precision[precision.upper()]
     module = fn if isinstance(fn, nn.Module) else _Wrap(fn)
     with _quiet_export():
-        ep = torch.export.export(module, example_args, strict=False)
+        try:
+            ep = torch.export.export(module, example_args, strict=False)
+        except Exception as e:  # torch raises many types here; the caller needs one
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(
+                f"torch.export could not trace the model ({type(e).__name__}: {first[:200]}). "
+                f"Make forward traceable (no Python branches on tensor values), or use "
+                f"backend='pyro'."
+            ) from e
         _detach_no_grad_regions(ep)
         ep = ep.run_decompositions(_decomposition_table())
     needs64 = float_dtype == jnp.float64 or (

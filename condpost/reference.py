@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
 from ._errors import ConstraintWarning, SamplerWarning, warn
 from .infer.base import SampleResult
 from .llc import LLC, llc_from_losses
@@ -189,15 +190,15 @@ class ReferenceClass:
         if result.fault:
             settings["fault"] = result.fault
         if draws is None:
-            ref = cls.from_stats(post, None, stats, settings=settings, store=result.store)
-            return ref
+            return cls.from_stats(post, None, stats, settings=settings, store=result.store)
         if isinstance(draws, torch.Tensor):
             draws = draws.detach().cpu().numpy()
         C, S, d = draws.shape
         if not isinstance(draws, np.memmap) and S:
             finite = np.isfinite(draws).all(-1)  # [C, S]
             if not finite.all():
-                c_bad, s_bad = np.argwhere(~finite)[np.argmin(np.argwhere(~finite)[:, 1])]
+                bad = np.argwhere(~finite)  # rows (chain, draw)
+                c_bad, s_bad = bad[np.argmin(bad[:, 1])]
                 keep = int(s_bad)
                 msg = (
                     f"non-finite weights at chain {int(c_bad)}, draw {keep}: the sampler "
@@ -229,6 +230,10 @@ class ReferenceClass:
             for k, v in ev.items():
                 stats.setdefault(k, v.reshape(C, S).cpu().numpy())
         stats.setdefault("sampler/diverging", np.zeros((C, S), dtype=bool))
+        return cls._build(post, draws, stats, settings, result.store)
+
+    @classmethod
+    def _build(cls, post, draws, stats, settings, store) -> ReferenceClass:
         ref = cls(
             draws=draws,
             stats=stats,
@@ -237,7 +242,7 @@ class ReferenceClass:
             settings=settings,
             posterior=post,
         )
-        ref.store = result.store
+        ref.store = store
         return ref
 
     @classmethod
@@ -274,16 +279,7 @@ class ReferenceClass:
         C = next(iter(stats.values())).shape[0]
         S = int(settings.get("draws", stats["virial"].shape[1]))
         stats.setdefault("sampler/diverging", np.zeros((C, S), dtype=bool))
-        ref = cls(
-            draws=draws,
-            stats=stats,
-            center=post.center.detach().cpu().numpy(),
-            config=post.config(),
-            settings=settings,
-            posterior=post,
-        )
-        ref.store = store
-        return ref
+        return cls._build(post, draws, stats, settings, store)
 
     store: str | None = None
 
@@ -742,31 +738,8 @@ class ReferenceClass:
             arrays[f"stat:{k}"] = v
         meta = json.dumps(self._metadata(), default=_json_default)
         arrays["metadata"] = np.array(meta)
-        # atomic: a temporary file in the same folder, fsync, then os.replace, so a crash
-        # mid-save leaves the previous file (if any) intact
-        import os
-        import uuid
-
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if os.name == "posix":  # make the rename durable
-            try:
-                dfd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError:  # pragma: no cover
-                pass
+        # atomic: a crash mid-save leaves the previous file (if any) intact
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
         return path
 
     @classmethod

@@ -78,11 +78,18 @@ def _export_problem(post: LocalPosterior) -> str | None:
         from .infer.numpyro import cached_export
     except ImportError as e:  # pragma: no cover - jax is a core dependency
         return f"JAX/NumPyro are not importable ({e})"
+    # a failed export is remembered on the declaration (a success is cached by the export)
+    key = (tuple(id(b) for b in post.constraints), float(post.nbeta), float(post.localization))
+    memo = post.__dict__.get("_condpost_export_problem")
+    if memo is not None and memo[0] == key:
+        return memo[1]
     try:
         cached_export(post)
     except (NotImplementedError, ImportError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return f"the model does not export to JAX ({first[:160]})"
+        reason = f"the model does not export to JAX ({first[:160]})"
+        post.__dict__["_condpost_export_problem"] = (key, reason)
+        return reason
     return None
 
 
@@ -103,7 +110,7 @@ def sample(
     chains = _count("chains", chains, 1)
     warmup = _count("warmup", warmup, 0)
     draws = _count("draws", draws, 1)
-    seed = _count("seed", seed, 0) if not isinstance(seed, (int, np.integer)) else int(seed)
+    seed = _count("seed", seed, 0)
     backend, note = pick_backend(post, m, backend)
     fn = registry.runner(m, backend)
     names, var = registry.options(fn)

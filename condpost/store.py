@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
 from ._errors import CondpostWarning, warn
 from .fingerprint import compare
 
@@ -97,36 +98,6 @@ def _json_default(o):
     if isinstance(o, (tuple, set)):
         return list(o)
     return str(o)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX; a no-op where directories can't be opened)."""
-    if os.name != "posix":  # pragma: no cover
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------
@@ -668,11 +639,11 @@ class RunStore:
             "keep_draws": bool(keep_draws),
             "complete": False,
         }
-        _atomic_write_bytes(path / "center.npy", lambda fh: np.save(fh, center))
+        atomic_write(path / "center.npy", lambda fh: np.save(fh, center))
         with open(path / "draws.bin", "wb") as fh:
             os.fsync(fh.fileno())
         # meta.json last: its presence means the store is complete
-        _atomic_write_bytes(path / "meta.json", lambda fh: fh.write(json.dumps(meta).encode()))
+        atomic_write(path / "meta.json", lambda fh: fh.write(json.dumps(meta).encode()))
         return cls(path, meta, {}, 0, 0, 0.0)
 
     @classmethod
@@ -738,7 +709,7 @@ class RunStore:
         meta["complete"] = False
         store = cls(path, meta, stats, done, step, wall, chunks)
         store._ckpt = ckpt
-        _atomic_write_bytes(path / "meta.json", lambda fh: fh.write(json.dumps(meta).encode()))
+        atomic_write(path / "meta.json", lambda fh: fh.write(json.dumps(meta).encode()))
         return store
 
     # ------------------------------------------------------------------ lock
@@ -826,7 +797,7 @@ class RunStore:
             arrays["sq_avg"] = state.sq_avg.detach().cpu().numpy()
         for k, v in self.stats.items():
             arrays[f"stat:{k}"] = v
-        _atomic_write_bytes(self.path / "checkpoint.npz", lambda fh: np.savez(fh, **arrays))
+        atomic_write(self.path / "checkpoint.npz", lambda fh: np.savez(fh, **arrays))
         self.done_draws = done
 
     def finish(self, settings: dict) -> None:
@@ -835,7 +806,7 @@ class RunStore:
             self._check_lock()
             self.meta["settings"] = json.loads(json.dumps(settings, default=_json_default))
             self.meta["complete"] = True
-            _atomic_write_bytes(
+            atomic_write(
                 self.path / "meta.json", lambda fh: fh.write(json.dumps(self.meta).encode())
             )
         finally:

@@ -277,3 +277,37 @@ def test_parallel_chains_equal_sequential_chains():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["parallel", "True"], out.stdout + out.stderr
+
+
+class _BranchyNet(torch.nn.Module):
+    """A Python branch on a tensor value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * 2 if float(h.detach().sum()) > 1e9 else h
+
+
+def test_default_nuts_falls_back_to_pyro_when_the_model_does_not_export(capsys):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 1, generator=g, dtype=torch.float64)
+    post = cp.LocalPosterior(
+        _BranchyNet().double(),
+        (x, y),
+        cp.Gaussian(scale=1.0),
+        localization=1.0,
+        check_center=False,
+    )
+    from condpost.export import ExportError, to_jax
+
+    with pytest.raises(ExportError, match="could not trace"):
+        to_jax(post)
+    for _ in range(2):  # the second call uses the remembered reason
+        ref = post.sample("nuts", chains=1, warmup=60, draws=20, progress=False)
+        assert ref.settings["backend"] == "pyro"
+        assert "does not export to JAX" in ref.settings["backend_note"]
+    assert capsys.readouterr().out.count("running on Pyro, not NumPyro") == 2
