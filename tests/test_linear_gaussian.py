@@ -184,3 +184,10 @@ def test_pyro_nuts_matches_exact_posterior():
     )
     assert ref.settings["backend"] == "pyro"
     check_exact_posterior(prob, ref)
+
+
+def test_kernel_options_are_checked_with_did_you_mean():
+    prob = make_problem(seed=1, perturb=0.0)
+    _, post = _declare(prob, False)
+    with pytest.raises(TypeError, match="did you mean 'step_size'"):
+        post.sample("mala", chains=2, warmup=10, draws=10, step_sise=0.1, progress=False)

@@ -98,13 +98,7 @@ def register_kernel(
     ``potential`` ``[chains]``); the generic kernel driver (``condpost.infer.kernel``)
     runs it with vectorized chains, warmup, thinning, progress and fault handling.
     """
-    from functools import partial
-
-    run = partial(_run_kernel, kernel=kernel)
-    run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(a, inspect.Parameter.KEYWORD_ONLY) for a in COMMON[1:]]
-        + [inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)]
-    )
+    run = _KernelRunner(kernel)
     return register(
         name,
         "torch",
@@ -116,12 +110,38 @@ def register_kernel(
     )
 
 
-def _run_kernel(post, *, kernel, **kw):
-    from .kernel import run_kernel
+class _KernelRunner:
+    """The runner of a registered kernel: the generic kernel driver with that kernel.
 
-    if isinstance(kernel, str):
-        kernel = _resolve(kernel)
-    return run_kernel(post, kernel, **kw)
+    Its signature (what the driver checks options against) is the driver's own options
+    (``thin``, ``init_jitter``) plus the kernel constructor's, read on first use.
+    """
+
+    def __init__(self, kernel: Callable | str):
+        self.kernel = kernel
+
+    def _make(self) -> Callable:
+        self.kernel = _resolve(self.kernel)
+        return self.kernel
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        from .kernel import run_kernel
+
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params = [inspect.Parameter(a, kw) for a in COMMON[1:]]
+        skip = {"post", "make", "options", *COMMON}
+        for src in (run_kernel, self._make()):
+            for p in inspect.signature(src).parameters.values():
+                if p.name not in skip and p.kind in (kw, p.POSITIONAL_OR_KEYWORD):
+                    params.append(inspect.Parameter(p.name, kw, default=p.default))
+                    skip.add(p.name)
+        return inspect.Signature(params)
+
+    def __call__(self, post, **kw):
+        from .kernel import run_kernel
+
+        return run_kernel(post, self._make(), **kw)
 
 
 def _resolve(ref: Callable | str) -> Callable:
