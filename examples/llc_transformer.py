@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.p, args.d_model, args.heads, args.d_mlp = 23, 32, 4, 64
-        args.train_steps, args.lr = 400, 1e-2
+        args.train_steps, args.lr = 600, 1e-2
         args.warmup, args.draws, args.batch_size = 40, 80, 64
     if args.threads:
         torch.set_num_threads(args.threads)

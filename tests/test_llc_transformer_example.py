@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from torch.nn import functional as F
 
@@ -31,7 +30,6 @@ def _load_example():
     return mod
 
 
-@pytest.mark.slow  # moved out of the default suite: failed on accuracy 0.998 (see the issue note)
 def test_llc_transformer_quick(tmp_path):
     saved = tmp_path / "net.pt"
     r = subprocess.run(
