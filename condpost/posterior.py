@@ -271,96 +271,38 @@ class LocalPosterior:
         (D_c) and ``exact/<name>/<key>`` when ``defects``, and with ``grad=True``
         ``virial`` = ``(w − w*)·∇U(w)``.
         """
-        full = self._evaluate(W, grad=grad, chunk=chunk)
-        return {
-            k: v
-            for k, v in full.items()
-            if (k == "loss" and loss)
-            or (k == "virial" and grad)
-            or (k.startswith(("defect/", "exact/")) and defects)
-        }
-
-    def _evaluate(self, W: torch.Tensor, *, grad: bool, chunk: int) -> dict:
-        W = self._as_w(W).reshape(-1, self.d)
-        names = [f"defect/{b.name}" for b in self._bound]
-        with torch.no_grad():
-            v0 = self.view(self.center)
-            names += [f"exact/{b.name}/{k}" for b in self._bound for k in b.exact(v0)]
-
-        def stats(w):
-            loss = self.loss(w)
-            v = self.view(w)
-            ds = [b.defect(v) for b in self._bound]
-            ds += [val for b in self._bound for val in b.exact(v).values()]
-            return loss, ds
-
-        def stats_grad(w):
-            w = w.detach().requires_grad_(True)
-            with torch.enable_grad():
-                u = self.potential(w)
-                (g,) = torch.autograd.grad(u, w)
-            with torch.no_grad():
-                loss, ds = stats(w.detach())
-            return loss, ds, ((w.detach() - self.center) * g).sum()
-
-        out: dict[str, list] = {"loss": []}
-        for nm in names:
-            out[nm] = []
-        if grad:
-            out["virial"] = []
-        vmapped = self._vmapped_stats(grad)
-        for i in range(0, W.shape[0], chunk):
-            block = W[i : i + chunk]
-            res = None
-            if vmapped is not None:
-                try:
-                    res = vmapped(block)
-                except Exception:  # noqa: BLE001 - modules that vmap cannot trace
-                    self._vmap_ok = False
-                    vmapped = None
-            if res is None:
-                rows = [stats_grad(w) if grad else (*stats(w),) for w in block]
-                loss = torch.stack([r[0] for r in rows])
-                ds = [torch.stack([r[1][j] for r in rows]) for j in range(len(names))]
-                vir = torch.stack([r[2] for r in rows]) if grad else None
-            else:
-                loss, ds, vir = res
-            out["loss"].append(loss.detach())
-            for nm, dv in zip(names, ds, strict=True):
-                out[nm].append(dv.detach())
-            if grad:
-                out["virial"].append(vir.detach())
-        return {k: torch.cat(v) for k, v in out.items()}
-
-    _vmap_ok = True
-
-    def _vmapped_stats(self, grad: bool):
-        if not self._vmap_ok:
-            return None
         from torch.func import grad as fgrad
-        from torch.func import vmap
 
-        def stats(w):
-            loss = self.loss(w)
-            v = self.view(w)
-            ds = [b.defect(v) for b in self._bound]
-            ds += [val for b in self._bound for val in b.exact(v).values()]
-            return loss, ds
+        from ._batching import batched
 
-        if not grad:
-
-            def nograd(W):
-                loss, ds = vmap(stats)(W)
-                return loss, ds, None
-
-            return nograd
+        W = self._as_w(W).reshape(-1, self.d)
+        bound = self._bound if defects else []
+        c = self.center
 
         def one(w):
-            g = fgrad(self.potential)(w)
-            loss, ds = stats(w)
-            return loss, ds, ((w - self.center) * g).sum()
+            out = {}
+            if grad:
+                g = fgrad(self.potential)(w)
+                out["virial"] = ((w - c) * g).sum()
+            if loss:
+                out["loss"] = self.loss(w)
+            if bound:
+                v = self.view(w)
+                for b in bound:
+                    out[f"defect/{b.name}"] = b.defect(v)
+                for b in bound:
+                    for k, val in b.exact(v).items():
+                        out[f"exact/{b.name}/{k}"] = val
+            return out
 
-        return vmap(one)
+        if not (grad or loss or bound) or W.shape[0] == 0:
+            return {}
+        fn = batched(one, f"evaluate ({type(self.lifted.net).__name__})")
+        parts = []
+        with torch.no_grad():  # torch.func.grad inside still differentiates
+            for i in range(0, W.shape[0], chunk):
+                parts.append(fn(W[i : i + chunk]))
+        return {k: torch.cat([p[k].detach() for p in parts]) for k in parts[0]}
 
     # ------------------------------------------------------------------ centre check
     def _check_center(self, max_iter: int = 50) -> dict:
