@@ -63,20 +63,14 @@ def solve_tolerance(eigenvalues, target_binding: float) -> float:
 
 
 def _feature_draws(post: LocalPosterior, bound, W: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    from torch.func import vmap
+    from ._batching import batched
 
     def f(w):
         return bound.feature(post.view(w)).reshape(-1)
 
-    out = []
+    bf = batched(f, f"constraint feature ({type(post.lifted.net).__name__})")
     with torch.no_grad():
-        for i in range(0, W.shape[0], chunk):
-            block = W[i : i + chunk]
-            try:
-                out.append(vmap(f)(block))
-            except Exception:  # noqa: BLE001 - modules vmap cannot trace
-                out.append(torch.stack([f(w) for w in block]))
-    return torch.cat(out)
+        return torch.cat([bf(W[i : i + chunk]) for i in range(0, W.shape[0], chunk)])
 
 
 def _local_rank(post: LocalPosterior, bound, max_entries: float = 2e7) -> int | None:

@@ -422,20 +422,11 @@ class ReferenceClass:
         if max_draws is not None and W.shape[0] > max_draws:
             idx = torch.linspace(0, W.shape[0] - 1, max_draws).round().long()
             W = W[idx]
-        outs = []
-        from torch.func import vmap
+        from ._batching import batched
 
+        bfn = batched(fn, f"activations ({type(post.lifted.net).__name__})")
         with torch.no_grad():
-            for i in range(0, W.shape[0], chunk):
-                block = W[i : i + chunk]
-                try:
-                    outs.append(vmap(fn)(block))
-                except Exception:  # noqa: BLE001 - modules vmap cannot trace
-                    rows = [fn(w) for w in block]
-                    if isinstance(rows[0], dict):
-                        outs.append({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
-                    else:
-                        outs.append(torch.stack(rows))
+            outs = [bfn(W[i : i + chunk]) for i in range(0, W.shape[0], chunk)]
         if isinstance(outs[0], dict):
             return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
         return torch.cat(outs)

@@ -1461,22 +1461,7 @@ def _trim(stats: dict, done: int, loss_every: int, full_loss_every: int | None) 
 
 
 def _defects(post: LocalPosterior, W: torch.Tensor) -> dict[str, torch.Tensor]:
-    from torch.func import vmap
-
-    def one(w):
-        v = post.view(w)
-        ds = {f"defect/{b.name}": b.defect(v) for b in post.constraints}
-        for b in post.constraints:
-            for k, val in b.exact(v).items():
-                ds[f"exact/{b.name}/{k}"] = val
-        return ds
-
-    with torch.no_grad():
-        try:
-            return vmap(one)(W)
-        except Exception:  # noqa: BLE001
-            rows = [one(w) for w in W]
-            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return post.evaluate(W, grad=False, loss=False, defects=True)
 
 
 def _np_dtype(dtype: torch.dtype):

@@ -71,20 +71,9 @@ def _detached(q, guide: str):
 
 def _batched_potential(post):
     """U over a batch of weight vectors ``[P, d]`` (vmap, or a loop where vmap fails)."""
-    from torch.func import vmap
+    from ..potential import Potential
 
-    vm = vmap(post.potential)
-    state = {"vmap": True}
-
-    def f(W):
-        if state["vmap"]:
-            try:
-                return vm(W)
-            except Exception:  # noqa: BLE001 - modules vmap cannot trace
-                state["vmap"] = False
-        return torch.stack([post.potential(w) for w in W])
-
-    return f
+    return Potential(post).value
 
 
 def run_svi(

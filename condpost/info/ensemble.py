@@ -176,7 +176,9 @@ class _Forward:
             _, acts = lifted.call(lifted.unflatten(w), x.unsqueeze(0), sites, replace=rep)
             return {k: acts[k][0] for k in sites}
 
-        from torch.func import vmap
+        from .._batching import batched
+
+        bone = batched(one, f"activations ({type(lifted.net).__name__})")
 
         out: dict[str, list] = {k: [] for k in sites}
         s_t = torch.as_tensor(s, dtype=torch.long)
@@ -188,11 +190,7 @@ class _Forward:
                 args = (w, x)
                 if replace_vals is not None:
                     args = (w, x, replace_vals[i : i + self.chunk])
-                try:
-                    res = vmap(one)(*args)
-                except Exception:  # noqa: BLE001 - modules vmap cannot trace
-                    rows = [one(*(t[r] for t in args)) for r in range(len(w))]
-                    res = {k: torch.stack([row[k] for row in rows]) for k in sites}
+                res = bone(*args)
                 for k in sites:
                     out[k].append(res[k])
         return {k: torch.cat(v) for k, v in out.items()}
