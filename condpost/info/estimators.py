@@ -51,6 +51,14 @@ class InfoResult:
         Human-readable remarks: what ``auto`` picked and why, saturation and tie flags.
     details : dict
         Estimator-specific extras (canonical correlations, per-term values, bound, ...).
+    upper_bound : float or None
+        The largest value the data can resolve, when one applies: ``log K`` for a side
+        that takes ``K`` distinct values, ``log N`` for sample-based estimates from ``N``
+        pairs (the smaller of those that apply). ``value`` never exceeds it.
+    bound : bool
+        ``True`` when the estimator's own number reached or exceeded ``upper_bound`` and
+        ``value`` was set to the bound: read it as "at the resolution limit", not as
+        an estimate (``details["raw_value"]`` keeps the estimator's number).
     """
 
     value: float
@@ -60,6 +68,8 @@ class InfoResult:
     n: int = 0
     notes: tuple = ()
     details: dict = field(default_factory=dict)
+    upper_bound: float | None = None
+    bound: bool = False
 
     def __float__(self) -> float:
         return float(self.value)
@@ -67,9 +77,41 @@ class InfoResult:
     def __repr__(self) -> str:
         se = "" if not np.isfinite(self.stderr) else f" ± {self.stderr:.4f}"
         note = f"; {len(self.notes)} note(s)" if self.notes else ""
+        lead = "bound: ≤ " if self.bound else ""
         return (
-            f"InfoResult({self.value:.4f}{se} nats, estimator={self.estimator!r}, n={self.n}{note})"
+            f"InfoResult({lead}{self.value:.4f}{se} nats, estimator={self.estimator!r}, "
+            f"n={self.n}{note})"
         )
+
+
+def _apply_ceiling(
+    val: float, ceilings: list[tuple[float, str]], tol: float, notes: list[str]
+) -> tuple[float, float | None, bool, bool]:
+    """Clip ``val`` to the smallest resolvable ceiling; returns (value, ceiling, bound, warn).
+
+    ``ceilings`` are ``(log-bound, why)`` pairs. An estimate above the ceiling is
+    impossible (``log K``) or unresolvable (``log N``): the value is replaced by the
+    ceiling and labelled. ``warn`` is True when the excess is beyond ``tol`` (the
+    estimator's known finite-sample offset), i.e. when the estimator failed.
+    """
+    if not ceilings:
+        return val, None, False, False
+    ceiling, why = min(ceilings, key=lambda c: c[0])
+    if not np.isfinite(val) or val <= ceiling:
+        return val, ceiling, False, False
+    excess = val - ceiling
+    notes.append(
+        f"BOUND: the estimator returned {val:.4g} nats, above {why} = {ceiling:.4g}; the value "
+        f"reported is that bound (result.bound = True), not an estimate. "
+        + (
+            "The excess is within the estimator's finite-sample offset: the two sides are "
+            "(almost) perfectly dependent at this resolution."
+            if excess <= tol
+            else "The excess is beyond the estimator's error: it is biased here; more "
+            "pairs, or a lower-dimensional view of the sites, are needed to say more."
+        )
+    )
+    return ceiling, ceiling, True, excess > tol
 
 
 # --------------------------------------------------------------------------------------
@@ -536,6 +578,89 @@ def _plugin_mi_value(lx: np.ndarray, ly: np.ndarray, miller_madow: bool) -> floa
 
 
 # --------------------------------------------------------------------------------------
+# projection onto leading principal components (high-dimensional sides)
+# --------------------------------------------------------------------------------------
+
+
+def _pca_basis(a: np.ndarray, components: int, variance: float) -> tuple[np.ndarray, dict]:
+    """Leading principal directions ``V [d, k]`` of the centred data and what they keep.
+
+    ``k`` is the smallest number of components whose eigenvalues reach ``variance`` of
+    the total, at most ``components``; directions with eigenvalue ≤ 1e-12 of the largest
+    (exact linear redundancy) are never kept. A side with ``d ≤ components`` columns is
+    left as it is (``V = I``).
+    """
+    n, d = a.shape
+    if d <= components:
+        return np.eye(d), {"dim": d, "components": d, "variance_kept": 1.0}
+    c = a - a.mean(0)
+    _, sv, vt = np.linalg.svd(c, full_matrices=False)
+    ev = sv**2
+    tot = float(ev.sum())
+    frac = np.cumsum(ev) / tot
+    k = int(np.searchsorted(frac, variance - 1e-12) + 1)
+    k = max(1, min(k, int(components), int(np.sum(ev > 1e-12 * ev[0]))))
+    return vt[:k].T, {"dim": d, "components": k, "variance_kept": float(frac[k - 1])}
+
+
+def _mi_pca_copula_ksg(
+    x, y, *, k, variant, stderr, rng, knn, n_subsets, n_surrogates, notes, components, variance
+):
+    """Copula-KSG on the leading principal components of each side (docs/estimators.md).
+
+    ``I(P x; Q y) ≤ I(x; y)`` for any fixed maps ``P, Q`` (data processing), with
+    equality when the dropped directions are independent of everything else. PCA does
+    not look at the other side, so choosing the directions from the same sample adds
+    no dependence between them.
+    """
+    if (
+        not isinstance(components, (int, np.integer))
+        or isinstance(components, bool)
+        or components < 1
+    ):
+        raise ValueError(
+            f"components must be a positive integer (principal components kept per side); "
+            f"got {components!r}"
+        )
+    if not (0.0 < float(variance) <= 1.0):
+        raise ValueError(
+            f"variance must be in (0, 1] (fraction of variance kept); got {variance!r}"
+        )
+    vx, ix = _pca_basis(x, int(components), float(variance))
+    vy, iy = _pca_basis(y, int(components), float(variance))
+    px, py = (x - x.mean(0)) @ vx, (y - y.mean(0)) @ vy
+    for name, info_ in (("x", ix), ("y", iy)):
+        if info_["components"] < info_["dim"]:
+            notes.append(
+                f"{name} ({info_['dim']} columns) projected onto its top {info_['components']} "
+                f"principal component(s), keeping {info_['variance_kept']:.2%} of its variance: "
+                f"the value is I(projected x; projected y) ≤ I(x; y) (data processing), equal "
+                f"when the dropped directions carry no information about the other side"
+            )
+    val, se, settings, det = _mi_copula_ksg(
+        px,
+        py,
+        k=k,
+        variant=variant,
+        stderr=stderr,
+        rng=rng,
+        knn=knn,
+        n_subsets=n_subsets,
+        n_surrogates=n_surrogates,
+        notes=notes,
+    )
+    settings = {
+        **settings,
+        "projection": "pca",
+        "components": int(components),
+        "variance": float(variance),
+        "x_projection": ix,
+        "y_projection": iy,
+    }
+    return val, se, settings, det
+
+
+# --------------------------------------------------------------------------------------
 # public: mutual information on arrays
 # --------------------------------------------------------------------------------------
 
@@ -551,7 +676,14 @@ MI_ESTIMATORS = (
     "mixed",
     "infonce",
     "smile",
+    "pca_copula_ksg",
 )
+
+# estimators whose value comes from nearest-neighbour counts on N samples: they cannot
+# resolve more than log N nats (McAllester & Stratos 2020), so values above it are clipped
+_KNN_ESTIMATORS = ("ksg1", "ksg2", "copula_ksg", "pca_copula_ksg", "mixed")
+_PCA_COMPONENTS = 4
+_PCA_VARIANCE = 0.99
 
 # pairs x dimension above which auto leaves brute-force kNN on CPU (about 30 s of work)
 _AUTO_KNN_WORK = 5e10
@@ -568,15 +700,13 @@ def _auto_mi(x_raw, y_raw, n, dx, dy, device) -> tuple[str, str]:
             "discrete-continuous kNN estimator of Ross (2014)"
         )
     d = dx + dy
-    if d > _AUTO_NEURAL_DIM and n >= 2000:
-        return "smile", (
-            f"dx + dy = {d} > {_AUTO_NEURAL_DIM} with N = {n} >= 2000: kNN estimators are "
-            "strongly biased at this dimension, so a neural variational bound is used"
-        )
     if d > _AUTO_NEURAL_DIM or n <= d + 1:
-        return "copula", (
-            f"dx + dy = {d} with only N = {n} samples: Gaussian-copula (canonical "
-            "correlations of normal scores), a lower-variance but Gaussian-dependence-only estimate"
+        return "pca_copula_ksg", (
+            f"dx + dy = {d} with N = {n} samples: kNN estimators are strongly biased at this "
+            f"dimension and a Gaussian-copula fit can return values no sample can support, so "
+            f"each side with more than {_PCA_COMPONENTS} coordinates is projected onto its "
+            f"leading principal components first (a lower bound by data processing, exact "
+            f"when the dropped directions carry no information)"
         )
     if device is None and d > _knn._TREE_MAX_DIM and 2.0 * n * n * d > _AUTO_KNN_WORK:
         return "copula", (
@@ -609,7 +739,8 @@ def mutual_information(
     estimator : str
         ``"auto"`` (default; see below), ``"copula_ksg"``, ``"ksg"``/``"ksg1"``,
         ``"ksg2"``, ``"gaussian"``, ``"copula"``, ``"plugin"``, ``"mixed"`` (one argument
-        discrete, the other continuous), ``"infonce"``, ``"smile"``.
+        discrete, the other continuous), ``"infonce"``, ``"smile"``,
+        ``"pca_copula_ksg"`` (``copula_ksg`` on each side's leading principal components).
     k : int, optional
         Neighbour order for kNN estimators (default 10 for ``ksg``, 5 for ``copula_ksg``,
         3 for ``mixed``).
@@ -626,12 +757,17 @@ def mutual_information(
         Estimator options: ``variant`` (1 or 2, KSG), ``backend`` (``"auto"``, ``"tree"``,
         ``"brute"``), ``device``, ``block``, ``n_subsets`` (10), ``n_boot`` (200),
         ``n_surrogates`` (1), ``bias_correct`` (True, Gaussian), ``miller_madow`` (False,
-        plug-in), ``discrete`` (``"x"`` or ``"y"``, mixed; default: the integer-typed one), neural options (``batch_size``, ``steps``, ``lr``, ``hidden``, ``clip``,
-        ``progress``).
+        plug-in), ``discrete`` (``"x"`` or ``"y"``, mixed; default: the integer-typed
+        one), ``components`` (4) and ``variance`` (0.99) for ``pca_copula_ksg``, neural
+        options (``batch_size``, ``steps``, ``lr``, ``hidden``, ``clip``, ``progress``).
 
     Returns
     -------
     InfoResult
+        ``value`` never exceeds ``upper_bound``: ``log N`` for the nearest-neighbour
+        estimators, ``log K`` for a discrete side with ``K`` values. An estimate above it
+        is replaced by the bound with ``bound=True`` and a note (and an ``InfoWarning``
+        when the excess is beyond the estimator's known finite-sample offset).
 
     Notes
     -----
@@ -639,8 +775,8 @@ def mutual_information(
     exactly one has; otherwise
     ``copula_ksg`` (KSG on per-coordinate normal scores minus the KSG bias measured on a
     Gaussian surrogate with the same correlation); ``copula`` when ``N ≤ dx + dy + 1`` or the
-    exact kNN work would be excessive on CPU; ``smile`` when ``dx + dy > 100`` and
-    ``N ≥ 2000``. The choice and reason are in ``.notes``.
+    exact kNN work would be excessive on CPU; ``pca_copula_ksg`` when ``dx + dy > 100``
+    or ``N ≤ dx + dy + 1``. The choice and reason are in ``.notes``.
     """
     if estimator not in MI_ESTIMATORS:
         from .._errors import nearest
@@ -715,6 +851,27 @@ def mutual_information(
             n_subsets=n_subsets,
             n_surrogates=n_sur,
             notes=notes,
+        )
+    elif picked == "pca_copula_ksg":
+        variant = int(opts.pop("variant", 1))
+        n_sur = int(opts.pop("n_surrogates", 1))
+        comps = opts.pop("components", _PCA_COMPONENTS)
+        var = opts.pop("variance", _PCA_VARIANCE)
+        knn = _knn_opts(opts, device, metric="auto")
+        _no_left(opts, picked)
+        val, se, settings, details = _mi_pca_copula_ksg(
+            x,
+            y,
+            k=k,
+            variant=variant,
+            stderr=stderr,
+            rng=rng,
+            knn=knn,
+            n_subsets=n_subsets,
+            n_surrogates=n_sur,
+            notes=notes,
+            components=comps,
+            variance=var,
         )
     elif picked in ("gaussian", "copula"):
         bias_correct = bool(opts.pop("bias_correct", True))
@@ -798,6 +955,27 @@ def mutual_information(
 
     if picked not in ("ksg1", "ksg2", "infonce", "smile"):
         settings.setdefault("standardize", bool(standardize))
+    ceilings: list[tuple[float, str]] = []
+    tol = 1e-3
+    if picked in _KNN_ESTIMATORS:
+        ceilings.append(
+            (math.log(n), f"log N (N = {n} samples; what nearest-neighbour counts can resolve)")
+        )
+    if picked == "mixed":
+        kx = len(np.unique(x, axis=0))
+        ceilings.append((math.log(kx), f"log K (the discrete argument takes K = {kx} values)"))
+        tol = max(tol, (kx - 1) / n)  # ψ(N) − ⟨ψ(N_ℓ)⟩ ≈ log K + (K − 1)/(2N)
+    if picked == "plugin":
+        kmin = int(min(settings["symbols"]))
+        ceilings.append((math.log(kmin), f"log K (the smaller side takes K = {kmin} values)"))
+    raw = float(val)
+    val, ceiling, at_bound, failed = _apply_ceiling(raw, ceilings, tol, notes)
+    if at_bound:
+        details = {**details, "raw_value": raw}
+        if failed:
+            from .._errors import warn
+
+            warn(notes[-1], InfoWarning)
     return InfoResult(
         value=float(val),
         stderr=float(se),
@@ -806,6 +984,8 @@ def mutual_information(
         n=n,
         notes=tuple(notes),
         details=details,
+        upper_bound=ceiling,
+        bound=at_bound,
     )
 
 
