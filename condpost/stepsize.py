@@ -1,37 +1,52 @@
-"""Step-size calibration for the SG-MCMC samplers (docs/theory.md §5.3).
+"""Step-size calibration for the SG-MCMC samplers (docs/theory.md §5.3, docs/sgmcmc.md).
 
-``calibrate_step_size(post, method="sgld")`` runs a few short vectorized chains from
-``w*`` at every step size of a grid and reports, per step size:
+``calibrate_step_size(post, method="sgld")`` runs short vectorized chains from ``w*`` on
+a geometric **ladder** of step sizes and recommends the largest step whose bias on λ̂
+(the LLC) and on the virial ratio is within a stated ``tolerance``. It always returns a
+step size, with the reasoning that led to it.
 
-* **plateau** — the loss trace must rise from ``L_n(w*)`` and flatten. We fit a line to
-  the chain-averaged ``nβ·(L_B(w) − L_B(w*))`` over the last half of the run; ``drift`` is
-  the fitted change across that half (in λ̂ units), and the trace is on a plateau when
-  ``|drift|`` is below ``max(0.1·|λ̂|, 3·se(drift))``, with ``se(drift) = √12·se(mean)``
-  (a least-squares line's end-to-end change over a stationary trace) and ``se(mean)``
-  from the effective sample size of the detrended traces. Too small a step size never reaches the
-  plateau within the run (λ̂ still rising).
-* **virial** — ``E[(w − w*)·∇U(w)]/d`` over the last half, which equals 1 for exact
-  draws from ``e^{−U}`` (docs/theory.md §5.2). Too large a step size inflates the spread, so the
-  ratio rises above 1; a chain still relaxing reads below 1.
-* **accept** — a MALA-style acceptance proxy (the Metropolis–Hastings acceptance of the
-  Langevin proposal on the step's own minibatch, Roberts & Tweedie 1996; the devinterp
-  notebooks target about 0.9): ``min(1, exp(U_B(w) − U_B(w') + log q(w|w') − log q(w'|w)))``
-  with ``q(w'|w) = N(w'; w − (ε/2)G∇U_B(w), εG)`` (``G = I`` for SGLD, the frozen
-  RMSProp preconditioner for RMSProp-SGLD). Values near 1 mean the discretisation error
-  is small; values well below 0.9 mean the step is too large. Not defined for SGHMC
-  (reported as NaN).
-* **llc** — the λ̂ read from the last half (a rough value: short run, few chains).
+**What is measured per rung** (last half of each run, any ``steps ≥ 20``):
 
-**Recommendation**: the largest step size that did not diverge, is on a plateau, has
-``|virial − 1| ≤ virial_tol`` (default 0.05, or 3 standard errors if larger) and an
-acceptance proxy ≥ ``target_accept`` (default 0.99). The largest such step mixes fastest
-while its bias stays small. The default is stricter than the 0.9 of the devinterp
-notebooks on purpose: on docs/theory.md §4.2's regular model (nβ = 145, batch 200) the relative
-bias of λ̂ is about 4·(1 − accept) (ε = 1e-4: accept 0.9995, bias 0.6%; 3e-4: 0.9975, 2%;
-1e-3: 0.987, 6%; 3e-3: 0.95, 18%), so 0.9 allows tens of percent. The virial ratio
-is the sharper check in long runs, but in a short calibration run its Monte Carlo error
-(≈ 0.1 at small ε) hides a few percent of bias, while the acceptance proxy does not. If none qualifies, nothing is recommended and the table
-says why; lengthen ``steps`` (no plateau) or extend the grid downwards (virial/accept).
+* ``llc`` — λ̂ = mean of ``nβ·(L_B(w) − L_B(w*))`` (the gradient batch, paired with
+  ``w*``; the batch is drawn with replacement, so it is independent of ``w``), with its
+  Monte Carlo standard error from the effective sample size;
+* ``virial`` — ``E[(w − w*)·∇U(w)]/d``, 1 for exact draws (docs/theory.md §5.2), with its
+  MC error;
+* ``plateau`` — a line fitted to the chain-averaged λ̂ trace: its change across the
+  window must be below ``max(0.1·|λ̂|, 3·se)``; too small a step has not relaxed;
+* ``accept`` — the MALA acceptance proxy of the Langevin proposal on the step's own
+  minibatch (SGLD, RMSProp-SGLD; informational, computed for ``d ≤ 20,000`` unless
+  ``accept_proxy`` says otherwise).
+
+**How the bias is judged.** SG-MCMC's stationary law differs from ``e^{−U}`` by ``O(ε)``
+(Teh, Thiery & Vollmer 2016): for a Gaussian direction of curvature ``h`` SGLD's variance
+is ``1/(h(1 − εh/4))``, and minibatch noise adds a relative ``ε·V_g/4``. So, over the rungs
+that reached a plateau, λ̂(ε) and the virial ratio are fitted (weighted by their MC errors)
+by a line ``a + bε``; the **bias** of a rung is ``b·ε/a`` for λ̂ (relative) and ``b·ε`` for
+the virial ratio (absolute), each with a standard error from the fit. A rung qualifies when
+``|bias| + z·se ≤ tolerance`` for both (``z = 1`` by default: the one-sigma upper bound
+must be within tolerance, so noise never passes as accuracy). Only rungs at or below the
+candidate enter its fit, so a diverging top of the ladder does not bend it. The
+recommendation is the largest qualifying rung. When only one rung reached a plateau, its
+λ̂ bias is judged from the acceptance proxy (``4·(1 − accept)``, the relation measured on
+docs/theory.md §4.2's model), and said so.
+
+**Always an answer.** If no rung qualifies, the smallest rung that reached a plateau is
+returned (else the smallest that did not diverge, else the smallest tried), with a
+``SamplerWarning`` saying which check failed and what to change (more steps or chains to
+shrink the MC error, a lower ladder). ``StepSizeCalibration.reasoning`` lists the
+decision for every rung.
+
+**Default ladder.** The top curvature ``h_max`` of ``U`` at ``w*`` (power iteration on
+Hessian-vector products, ``top_curvature``) bounds the stable SGLD step (``ε < 4/h_max``
+for the drift of a quadratic). The ladder starts at ``2/h_max`` (η = ``1/h_max`` for SGHMC
+and SGNHT, ``2/√h_max`` for RMSProp-SGLD, whose preconditioner ``G ≈ 1/√h`` rescales the
+curvature) and halves ``rungs`` times (default 8, two decades). It works unchanged from
+d = 40 to d = 10⁵: the cost is ``rungs × steps`` vectorized steps plus ~30 Hessian-vector
+products.
+
+``resolve_step_size(post, method, options)`` turns ``step_size="auto"`` in a sampler's
+options into the recommended number (``post.sample("sgld", step_size="auto")``).
 """
 
 from __future__ import annotations
@@ -48,27 +63,121 @@ from ._errors import SamplerWarning, warn
 if TYPE_CHECKING:  # pragma: no cover
     from .posterior import LocalPosterior
 
-__all__ = ["calibrate_step_size", "StepSizeCalibration"]
+__all__ = ["calibrate_step_size", "StepSizeCalibration", "resolve_step_size", "top_curvature"]
+
+#: the smallest ``steps`` accepted (the statistics use the last half: ≥ 10 draws per chain)
+MIN_STEPS = 20
+
+
+# ---------------------------------------------------------------------------------------
+# curvature
+# ---------------------------------------------------------------------------------------
+
+
+def top_curvature(
+    post: LocalPosterior,
+    *,
+    iters: int = 30,
+    seed: int = 0,
+    rtol: float = 1e-3,
+    w: torch.Tensor | None = None,
+) -> float:
+    """Largest |eigenvalue| of the Hessian of the full-batch potential ``U`` at ``w*``.
+
+    Power iteration on Hessian-vector products (double backward of
+    ``post.potential``), at most ``iters`` products, stopping when the Rayleigh quotient
+    changes by less than ``rtol`` (relative). It includes ``γ`` and every constraint of
+    ``post``. Never below ``γ`` (the localizer's curvature).
+
+    Parameters
+    ----------
+    post : LocalPosterior
+    iters : int
+        Maximum number of Hessian-vector products (default 30).
+    seed : int
+        Seed of the random start vector.
+    rtol : float
+        Relative change of the estimate at which to stop.
+    w : Tensor, optional
+        Point at which to evaluate (default ``w*``).
+
+    Returns
+    -------
+    float
+        ``h_max`` in units of ``U`` per squared weight.
+    """
+    w0 = (post.center if w is None else w).detach().clone()
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    v = torch.randn(w0.shape, generator=g, dtype=torch.float64).to(w0)
+    v = v / v.norm()
+    lam_old = None
+    lam = float(post.localization)
+    for _ in range(int(iters)):
+        x = w0.clone().requires_grad_(True)
+        with torch.enable_grad():
+            u = post.potential(x)
+            (gr,) = torch.autograd.grad(u, x, create_graph=True)
+            (hv,) = torch.autograd.grad(gr, x, grad_outputs=v)
+        hv = hv.detach()
+        if not bool(torch.isfinite(hv).all()):
+            break
+        lam = float(torch.dot(v, hv))
+        nrm = float(hv.norm())
+        if nrm == 0.0:
+            break
+        v = hv / nrm
+        lam = max(abs(lam), 0.0)
+        if lam_old is not None and abs(lam - lam_old) <= rtol * max(lam, 1e-300):
+            break
+        lam_old = lam
+    return max(lam, float(post.localization))
+
+
+def default_ladder(post: LocalPosterior, method: str, rungs: int = 8, h_max=None) -> list[float]:
+    """The default geometric ladder (module docs): top step from ``h_max``, halving."""
+    h = top_curvature(post) if h_max is None else float(h_max)
+    if method == "sgld":
+        top = 2.0 / h
+    elif method == "rmsprop_sgld":
+        top = 2.0 / math.sqrt(h)
+    else:  # sghmc, sgnht: η
+        top = 1.0 / h
+    return [top / 2.0**i for i in range(int(rungs))][::-1]
+
+
+# ---------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class StepSizeCalibration:
-    """Result of ``calibrate_step_size``: one row per step size and a recommendation.
+    """Result of ``calibrate_step_size``: one row per step size, a recommendation and why.
 
     Attributes
     ----------
+    method : str
     rows : list of dict
-        ``step_size``, ``status`` (``"ok"`` or the reasons it failed), ``llc``, ``llc_se``,
-        ``drift``, ``plateau``, ``virial``, ``virial_se``, ``accept``.
-    recommended : float or None
-        The recommended step size (``None`` when none qualifies).
+        ``step_size``, ``status`` (``"ok"`` or why the rung is unusable), ``llc``,
+        ``llc_se``, ``drift``, ``plateau``, ``virial``, ``virial_se``, ``accept``,
+        ``llc_bias`` and ``llc_bias_se`` (relative), ``virial_bias`` and
+        ``virial_bias_se`` (absolute), ``qualifies``.
+    recommended : float
+        The recommended step size (always set; see ``qualified``).
+    qualified : bool
+        Whether the recommendation met the tolerance; False for a fallback.
+    reasoning : list of str
+        How the recommendation was reached, one line per decision.
     traces : dict
         ``step_size → [chains, steps]`` array of ``nβ·(L_B(w) − L_B(w*))``.
+    settings : dict
     """
 
     method: str
     rows: list[dict]
-    recommended: float | None
+    recommended: float
+    qualified: bool = True
+    reasoning: list[str] = field(default_factory=list)
     traces: dict = field(repr=False, default_factory=dict)
     settings: dict = field(default_factory=dict)
 
@@ -79,27 +188,28 @@ class StepSizeCalibration:
             "step_size",
             "llc",
             "llc_se",
-            "drift",
-            "plateau",
+            "llc_bias",
+            "llc_bias_se",
             "virial",
-            "virial_se",
+            "virial_bias",
+            "virial_bias_se",
+            "plateau",
             "accept",
             "status",
         ]
         return _table(self.rows, cols)
 
     def __str__(self) -> str:
-        rec = (
-            f"recommended step_size = {self.recommended:.3g}"
-            if self.recommended is not None
-            else "no step size qualifies (see status): lengthen steps or extend the grid"
+        s = self.settings
+        head = (
+            f"{self.method} step-size calibration ({s.get('chains')} chains × {s.get('steps')} "
+            f"steps per rung; tolerance {s.get('tolerance')} on λ̂ (relative) and "
+            f"{s.get('virial_tol')} on the virial ratio, z = {s.get('z')})"
         )
-        return (
-            f"{self.method} step-size calibration ({self.settings.get('chains')} chains × "
-            f"{self.settings.get('steps')} steps each; criteria: plateau, |virial − 1| ≤ "
-            f"{self.settings.get('virial_tol')}, accept ≥ {self.settings.get('target_accept')})\n"
-            f"{self.table()}\n{rec}"
+        rec = f"recommended step_size = {self.recommended:.3g}" + (
+            "" if self.qualified else " (FALLBACK: no step size met the tolerance)"
         )
+        return f"{head}\n{self.table()}\n" + "\n".join(self.reasoning) + f"\n{rec}"
 
     __repr__ = __str__
 
@@ -109,40 +219,68 @@ class StepSizeCalibration:
         return pd.DataFrame(self.rows).set_index("step_size")
 
 
+# ---------------------------------------------------------------------------------------
+# the calibration
+# ---------------------------------------------------------------------------------------
+
+
 def calibrate_step_size(
     post: LocalPosterior,
     method: str = "sgld",
     step_sizes=None,
     *,
-    chains: int = 4,
+    chains: int | None = None,
     steps: int = 1000,
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
-    target_accept: float = 0.99,
-    virial_tol: float = 0.05,
+    tolerance: float = 0.02,
+    virial_tol: float | None = None,
+    z: float = 1.0,
+    rungs: int = 8,
+    accept_proxy: bool | str = "auto",
+    target_accept: float | None = None,
     warn_user: bool = True,
     **kernel_kw,
 ) -> StepSizeCalibration:
-    """Run short chains over a grid of step sizes and recommend one (see module docs).
+    """Recommend the largest step size whose bias on λ̂ and the virial is within tolerance.
+
+    See the module docs for the rule. Always returns a step size.
 
     Parameters
     ----------
     post : LocalPosterior
     method : {"sgld", "rmsprop_sgld", "sghmc", "sgnht"}
     step_sizes : sequence of float, optional
-        Grid (default ``10^{-7} … 10^{-2}``, half-decade spacing).
-    chains, steps : int
-        Chains per step size (default 4) and steps per chain (default 1000).
+        The ladder (default: ``rungs`` halvings from the curvature-based top, module docs).
+        Any positive values; a geometric ladder (constant ratio) is what the bias fit
+        assumes least about.
+    chains : int, optional
+        Chains per rung (default ``clip(⌈4000/d⌉, 4, 64)``: more chains where a draw
+        carries little information).
+    steps : int
+        Steps per chain and rung, any integer ≥ 20 (default 1000); the statistics use the
+        last half.
     batch_size : int, optional
         Minibatch size (default ``min(n, 256)``; use the one you will sample with).
     seed : int
     progress : bool
-        Show a progress bar over the grid.
-    target_accept : float
-        Minimum acceptance proxy (default 0.99; see the module docs).
-    virial_tol : float
-        Allowed ``|virial − 1|`` (default 0.05).
+        Show a progress bar over the ladder.
+    tolerance : float
+        Allowed relative bias of λ̂ (default 0.02).
+    virial_tol : float, optional
+        Allowed absolute bias of the virial ratio (default: ``tolerance``).
+    z : float
+        A rung qualifies when ``|bias| + z·se ≤ tolerance`` (default 1).
+    rungs : int
+        Number of rungs of the default ladder (default 8).
+    accept_proxy : bool or "auto"
+        Compute the MALA acceptance proxy (one more potential evaluation per step;
+        "auto": for SGLD/RMSProp-SGLD when ``d ≤ 20,000``).
+    target_accept : float, optional
+        Deprecated, ignored (the acceptance proxy no longer decides); kept so old calls run.
+    warn_user : bool
+        Warn when the recommendation is a fallback.
     **kernel_kw
         Passed to the kernel (``friction``, ``alpha``, ``eps``, ``compile``).
     """
@@ -151,19 +289,33 @@ def calibrate_step_size(
     from .infer.sgmcmc import _center_batch_loss, _check_method, make_kernel
 
     method = _check_method(method)
+    if isinstance(steps, bool) or int(steps) != steps or steps < MIN_STEPS:
+        raise ValueError(f"steps must be an integer ≥ {MIN_STEPS}; got {steps!r}")
+    if chains is not None and (isinstance(chains, bool) or int(chains) != chains or chains < 1):
+        raise ValueError(f"chains must be a positive integer; got {chains!r}")
+    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise ValueError(f"tolerance must lie in (0, 1); got {tolerance!r}")
+    virial_tol = float(tolerance if virial_tol is None else virial_tol)
+    if not 0 < virial_tol < 1:
+        raise ValueError(f"virial_tol must lie in (0, 1); got {virial_tol!r}")
+    if not (math.isfinite(z) and z >= 0):
+        raise ValueError(f"z must be a finite number ≥ 0; got {z!r}")
+    if int(rungs) != rungs or rungs < 2:
+        raise ValueError(f"rungs must be an integer ≥ 2; got {rungs!r}")
+    d = post.d
+    steps = int(steps)
+    chains = int(chains) if chains is not None else int(min(64, max(4, math.ceil(4000 / d))))
+    h_max = None
     if step_sizes is None:
-        step_sizes = [float(10**e) for e in np.arange(-7, -1.99, 0.5)]
-    grid = sorted(float(s) for s in np.atleast_1d(step_sizes))
+        h_max = top_curvature(post)
+        step_sizes = default_ladder(post, method, int(rungs), h_max=h_max)
+    grid = sorted(float(s) for s in np.atleast_1d(np.asarray(step_sizes, dtype=np.float64)))
     if not grid or any(not (math.isfinite(s) and s > 0) for s in grid):
         raise ValueError(f"step_sizes must be positive finite numbers; got {step_sizes!r}")
-    if int(steps) != steps or steps < 20:
-        raise ValueError(f"steps must be an integer ≥ 20; got {steps!r}")
-    if int(chains) != chains or chains < 1:
-        raise ValueError(f"chains must be a positive integer; got {chains!r}")
-    if not 0 < target_accept < 1:
-        raise ValueError(f"target_accept must lie in (0, 1); got {target_accept!r}")
-    steps, chains = int(steps), int(chains)
-    nb, d = post.nbeta, post.d
+    if accept_proxy == "auto":
+        accept_proxy = method in ("sgld", "rmsprop_sgld") and d <= 20000
+    accept_proxy = bool(accept_proxy) and method in ("sgld", "rmsprop_sgld")
+    nb = post.nbeta
     rows, traces = [], {}
     bar = tqdm(total=len(grid) * steps, desc=f"calibrate {method}", disable=not progress)
     try:
@@ -175,6 +327,7 @@ def calibrate_step_size(
             vir = np.full((chains, steps), np.nan)
             acc = np.full((chains, steps), np.nan)
             status = "ok"
+            t = -1
             for t in range(steps):
                 if method == "rmsprop_sgld" and t >= steps // 2:
                     state = state._replace(adapting=False)
@@ -192,112 +345,341 @@ def calibrate_step_size(
                 XB, YB = info.batch
                 tr[:, t] = (nb * (info.loss - _center_batch_loss(post, XB, YB))).cpu().numpy()
                 vir[:, t] = (info.virial / d).cpu().numpy()
-                if method not in ("sghmc", "sgnht"):
-                    g1, u1, _ = pot(state.w, XB, YB)
-                    G = 1.0 if info.precond is None else info.precond
-                    fwd = state.w - w0 + 0.5 * eps * G * info.grad
-                    bwd = w0 - state.w + 0.5 * eps * G * g1
-                    log_a = (
-                        info.potential
-                        - u1
-                        - ((bwd * bwd) / (2 * eps * G)).sum(-1)
-                        + ((fwd * fwd) / (2 * eps * G)).sum(-1)
-                    )
-                    acc[:, t] = torch.clamp(log_a, max=0.0).exp().cpu().numpy()
+                if accept_proxy:
+                    acc[:, t] = _accept(pot, w0, state.w, info, eps).cpu().numpy()
                 bar.update(1)
-            traces[eps] = tr
-            rows.append(_row(eps, tr, vir, acc, status, steps, virial_tol, target_accept, method))
             if status != "ok":
-                bar.update(steps - t - 1 if "diverged" in status else 0)
+                bar.update(steps - t - 1)
+            traces[eps] = tr
+            rows.append(_row(eps, tr, vir, acc, status, accept_proxy))
     finally:
         bar.close()
-    ok = [r for r in rows if r["status"] == "ok"]
-    rec = max((r["step_size"] for r in ok), default=None)
+    rec, qualified, reasoning = _decide(rows, tolerance, virial_tol, z)
     res = StepSizeCalibration(
         method=method,
         rows=rows,
         recommended=rec,
+        qualified=qualified,
+        reasoning=reasoning,
         traces=traces,
         settings={
             "chains": chains,
             "steps": steps,
             "batch_size": batch_size,
             "seed": seed,
-            "target_accept": target_accept,
+            "tolerance": float(tolerance),
             "virial_tol": virial_tol,
+            "z": float(z),
+            "h_max": h_max,
             "nbeta": nb,
             "localization": post.localization,
+            "d": d,
         },
     )
-    if rec is None and warn_user:
+    if not qualified and warn_user:
         warn(
-            "calibrate_step_size: no step size passed all checks (plateau, virial, acceptance); "
-            "see the table. Lengthen steps if no trace reached a plateau, or extend the grid "
-            "to smaller step sizes if the virial ratio or acceptance fail.",
+            f"calibrate_step_size: no step size met the tolerance; returning {rec:.3g}, "
+            f"the fallback. {reasoning[-1]}",
             SamplerWarning,
         )
     return res
 
 
-def _row(eps, tr, vir, acc, status, steps, virial_tol, target_accept, method) -> dict:
+def _accept(pot, w0, w1, info, eps) -> torch.Tensor:
+    """MALA acceptance proxy of the step ``w0 → w1`` on its own minibatch."""
+    XB, YB = info.batch
+    with torch.enable_grad():
+        g1, u1, _ = pot(w1, XB, YB)
+    G = 1.0 if info.precond is None else info.precond
+    fwd = w1 - w0 + 0.5 * eps * G * info.grad
+    bwd = w0 - w1 + 0.5 * eps * G * g1
+    log_a = (
+        info.potential
+        - u1
+        - ((bwd * bwd) / (2 * eps * G)).sum(-1)
+        + ((fwd * fwd) / (2 * eps * G)).sum(-1)
+    )
+    return torch.clamp(log_a, max=0.0).exp()
+
+
+def _mcse(x: np.ndarray) -> float:
+    """MC standard error of the mean of ``x [chains, N]`` (ESS-based; batch means fallback)."""
+    from .diagnostics import mcse_mean
+
+    x = np.asarray(x, dtype=np.float64)
+    se = float("nan")
+    if x.shape[1] >= 8:
+        try:
+            se = float(mcse_mean(x))
+        except (ValueError, FloatingPointError, ZeroDivisionError):
+            se = float("nan")
+    if not math.isfinite(se):
+        # batch means over 4 (unequal) batches per chain: works for any length ≥ 4
+        parts = [p.mean(1) for p in np.array_split(x, min(4, x.shape[1]), axis=1)]
+        bm = np.stack(parts, 1).reshape(-1)
+        se = float(bm.std(ddof=1) / math.sqrt(bm.size)) if bm.size > 1 else float("nan")
+    return se
+
+
+def _row(eps, tr, vir, acc, status, accept_proxy) -> dict:
     row: dict = {"step_size": eps}
-    half = steps // 2
+    nan = float("nan")
     if status != "ok":
         row.update(
-            llc=float("nan"),
-            llc_se=float("nan"),
-            drift=float("nan"),
+            llc=nan,
+            llc_se=nan,
+            drift=nan,
             plateau=False,
-            virial=float("nan"),
-            virial_se=float("nan"),
-            accept=float("nan"),
+            virial=nan,
+            virial_se=nan,
+            accept=nan,
             status=status,
         )
         return row
-    last = tr[:, half:]
-    C = last.shape[0]
-    llc = float(last.mean())
-    # standard error from chains' batch means (4 batches per chain) — short runs, rough
-    bm = last.reshape(C, 4, -1).mean(-1) if last.shape[1] >= 4 else last
-    llc_se = float(bm.std(ddof=1) / math.sqrt(bm.size)) if bm.size > 1 else float("nan")
+    steps = tr.shape[1]
+    last = tr[:, steps // 2 :]
     N = last.shape[1]
-    x = np.arange(N)
+    llc = float(last.mean())
+    llc_se = _mcse(last)
+    x = np.arange(N, dtype=np.float64)
     slope, icpt = np.polyfit(x, last.mean(0), 1)
     drift = float(slope * N)
-    # The fitted change across a window of N steps has variance 12·Var(mean) for a
-    # stationary trace (OLS slope variance σ²/Σ(x − x̄)² = 12σ²/N³, times N²); Var(mean)
-    # from the ESS of the detrended traces, which accounts for their autocorrelation.
-    resid = last - (slope * x + icpt)
-    if N >= 8:
-        from .diagnostics import ess_basic
-
-        ess = float(ess_basic(resid))
-        sd = float(resid.std(ddof=1))
-        se_mean = sd / math.sqrt(max(ess, 1.0)) if math.isfinite(ess) else llc_se
-    else:
+    # a fitted line's end-to-end change over a stationary trace has variance 12·Var(mean)
+    # (OLS slope variance σ²/Σ(x − x̄)² = 12σ²/N³, times N²); Var(mean) from the ESS of
+    # the detrended traces, which accounts for their autocorrelation
+    se_mean = _mcse(last - (slope * x + icpt))
+    if not math.isfinite(se_mean):
         se_mean = llc_se
     drift_se = math.sqrt(12.0) * se_mean
-    plateau = abs(drift) <= max(0.1 * abs(llc), 3 * drift_se)
-    v = vir[:, half:]
-    vbm = v.reshape(C, 4, -1).mean(-1) if v.shape[1] >= 4 else v
+    plateau = bool(abs(drift) <= max(0.1 * abs(llc), 3 * drift_se))
+    v = vir[:, steps // 2 :]
     virial = float(v.mean())
-    virial_se = float(vbm.std(ddof=1) / math.sqrt(vbm.size)) if vbm.size > 1 else float("nan")
-    accept = float(np.nanmean(acc[:, half:])) if method not in ("sghmc", "sgnht") else float("nan")
-    reasons = []
-    if not plateau:
-        reasons.append("no plateau" + (" (still rising)" if drift > 0 else " (falling)"))
-    if abs(virial - 1) > max(virial_tol, 3 * virial_se):
-        reasons.append("virial " + ("high" if virial > 1 else "low"))
-    if method not in ("sghmc", "sgnht") and not accept >= target_accept:
-        reasons.append("accept low")
+    virial_se = _mcse(v)
+    accept = float(np.nanmean(acc[:, steps // 2 :])) if accept_proxy else nan
     row.update(
         llc=llc,
         llc_se=llc_se,
         drift=drift,
-        plateau=bool(plateau),
+        plateau=plateau,
         virial=virial,
         virial_se=virial_se,
         accept=accept,
-        status="ok" if not reasons else ", ".join(reasons),
+        status="ok"
+        if plateau
+        else "no plateau" + (" (still rising)" if drift > 0 else " (falling)"),
     )
     return row
+
+
+def _poly_fit(eps: np.ndarray, y: np.ndarray, se: np.ndarray):
+    """Weighted least squares ``y = a + b·ε (+ c·ε²)``: coefficients and covariance.
+
+    Quadratic with four or more points, linear with two or three. The covariance is
+    inflated by the reduced χ² when it exceeds 1 (scatter beyond the MC errors)."""
+    se = np.where(np.isfinite(se) & (se > 0), se, np.nan)
+    floor = 1e-3 * max(float(np.nanmax(np.abs(y))), 1e-12)
+    se = np.where(np.isfinite(se), np.maximum(se, floor), floor)
+    scale = float(eps.max())
+    x = eps / scale
+    deg = 2 if len(y) >= 4 else 1
+    X = np.stack([x**p for p in range(deg + 1)], 1)
+    W = 1.0 / se**2
+    XtW = X.T * W
+    cov = np.linalg.pinv(XtW @ X)
+    coef = cov @ (XtW @ y)
+    dof = len(y) - (deg + 1)
+    if dof > 0:
+        chi2 = float(np.sum(W * (y - X @ coef) ** 2)) / dof
+        cov = cov * max(1.0, chi2)
+    return coef, cov, scale
+
+
+def _fit_bias(coef, cov, scale, at: float, relative: bool):
+    """Bias ``f(at) − f(0)`` of the fitted polynomial (``/f(0)`` if relative) and its s.e."""
+    x = at / scale
+    powers = np.array([x**p for p in range(len(coef))])
+    shift = float(powers[1:] @ coef[1:])
+    g = np.concatenate([[0.0], powers[1:]])
+    if relative:
+        a = float(coef[0])
+        if abs(a) < 1e-12:
+            return float("nan"), float("nan")
+        bias = shift / a
+        g = g / a
+        g[0] = -shift / a**2
+    else:
+        bias = shift
+    return float(bias), float(math.sqrt(max(float(g @ cov @ g), 0.0)))
+
+
+def _decide(rows, tol, vtol, z):
+    """The recommendation, whether it qualified, and the reasoning (module docs)."""
+    reasoning: list[str] = []
+    for r in rows:
+        r.update(llc_bias=np.nan, llc_bias_se=np.nan, virial_bias=np.nan, virial_bias_se=np.nan)
+        r["qualifies"] = False
+    healthy = sorted((r for r in rows if r["status"] == "ok"), key=lambda q: q["step_size"])
+    diverged = [r for r in rows if r["status"].startswith("diverged")]
+    if diverged:
+        reasoning.append(
+            "diverged: " + ", ".join(f"{r['step_size']:.3g}" for r in diverged) + " (unusable)."
+        )
+    stale = [r for r in rows if r not in healthy and r not in diverged]
+    if stale:
+        reasoning.append(
+            "no plateau within the run (not relaxed; not judged): "
+            + ", ".join(f"{r['step_size']:.3g}" for r in stale)
+            + "."
+        )
+    # the fit covers the rungs whose λ̂ is within 50% of the smallest healthy rung's (the
+    # range where a low-order polynomial in ε describes the bias); rungs beyond it fail
+    fit = []
+    if healthy:
+        ref = healthy[0]["llc"]
+        fit = [r for r in healthy if abs(r["llc"] - ref) <= 0.5 * max(abs(ref), 1e-12)]
+    if len(fit) >= 2:
+        e = np.array([q["step_size"] for q in fit])
+        cl = _poly_fit(e, np.array([q["llc"] for q in fit]), np.array([q["llc_se"] for q in fit]))
+        cv = _poly_fit(
+            e, np.array([q["virial"] for q in fit]), np.array([q["virial_se"] for q in fit])
+        )
+        deg = "quadratic" if len(cl[0]) == 3 else "linear"
+        reasoning.append(
+            f"bias model: λ̂(ε) and virial(ε) fitted by a {deg} in ε over the {len(fit)} rungs "
+            f"{fit[0]['step_size']:.3g}…{fit[-1]['step_size']:.3g} (weights 1/MC s.e.²); "
+            f"λ̂(ε → 0) = {cl[0][0]:.4g}, virial(ε → 0) = {cv[0][0]:.4f}."
+        )
+        for r in healthy:
+            if r in fit:
+                r["llc_bias"], r["llc_bias_se"] = _fit_bias(*cl, r["step_size"], True)
+                r["virial_bias"], r["virial_bias_se"] = _fit_bias(*cv, r["step_size"], False)
+                r["bias_from"] = "ladder fit"
+            else:  # beyond the fitted range: its own value against the extrapolation
+                a, va = float(cl[0][0]), float(cv[0][0])
+                r["llc_bias"] = r["llc"] / a - 1 if abs(a) > 1e-12 else np.nan
+                r["llc_bias_se"] = r["llc_se"] / abs(a) if abs(a) > 1e-12 else np.nan
+                r["virial_bias"], r["virial_bias_se"] = r["virial"] - va, r["virial_se"]
+                r["bias_from"] = "against the extrapolation"
+    for r in healthy:
+        if "bias_from" in r:
+            continue
+        if math.isfinite(r.get("accept", np.nan)):
+            r["llc_bias"], r["llc_bias_se"] = 4.0 * (1.0 - r["accept"]), 0.0
+            r["virial_bias"], r["virial_bias_se"] = r["virial"] - 1.0, r["virial_se"]
+            r["bias_from"] = "acceptance proxy 4·(1 − accept): only one healthy rung"
+        else:
+            r["bias_from"] = "not judged: only one healthy rung, no acceptance proxy"
+    for r in sorted(healthy, key=lambda q: -q["step_size"]):
+        lb, lse = abs(r["llc_bias"]), r["llc_bias_se"]
+        vb, vse = abs(r["virial_bias"]), r["virial_bias_se"]
+        ok_l = bool(np.isfinite(lb) and lb + z * lse <= tol)
+        ok_v = bool(np.isfinite(vb) and vb + z * vse <= vtol)
+        r["qualifies"] = ok_l and ok_v
+        reasoning.append(
+            f"ε = {r['step_size']:.3g}: λ̂ = {r['llc']:.4g} ± {r['llc_se']:.2g}; bias on λ̂ "
+            f"{r['llc_bias']:+.2%} ± {lse:.2%}, on the virial {r['virial_bias']:+.4f} ± "
+            f"{vse:.4f} ({r['bias_from']}) → "
+            + ("qualifies" if r["qualifies"] else _why(ok_l, ok_v, lb, lse, vb, vse, tol, vtol, z))
+        )
+    best = max((r["step_size"] for r in healthy if r["qualifies"]), default=None)
+    if best is not None:
+        reasoning.append(
+            f"recommended {best:.3g}: the largest step whose bias on λ̂ is within {tol:.1%} "
+            f"and on the virial ratio within {vtol:g} (bias + {z:g}·s.e.)."
+        )
+        return best, True, reasoning
+    if healthy:
+        rec = min(r["step_size"] for r in healthy)
+        why = (
+            f"No step size met the tolerance; returning the smallest that reached a plateau, "
+            f"{rec:.3g}. Its bias could not be shown to be within tolerance: run more chains "
+            f"or steps to shrink the MC errors, or extend the ladder downwards."
+        )
+    elif stale:
+        rec = min(r["step_size"] for r in stale)
+        why = (
+            f"No step size reached a plateau; returning the smallest that did not diverge, "
+            f"{rec:.3g}. Lengthen steps (the chains had not relaxed) or move the ladder up."
+        )
+    else:
+        rec = min(r["step_size"] for r in rows)
+        why = (
+            f"Every step size diverged; returning the smallest tried, {rec:.3g}, which also "
+            f"diverged: extend the ladder downwards."
+        )
+    reasoning.append(why)
+    return rec, False, reasoning
+
+
+def _why(ok_l, ok_v, lb, lse, vb, vse, tol, vtol, z) -> str:
+    out = []
+    if not ok_l:
+        out.append(
+            "λ̂ bias not judged"
+            if not np.isfinite(lb)
+            else f"λ̂ bias + {z:g}·s.e. = {lb + z * lse:.2%} > {tol:.1%}"
+        )
+    if not ok_v:
+        out.append(
+            "virial bias not judged"
+            if not np.isfinite(vb)
+            else f"virial bias + {z:g}·s.e. = {vb + z * vse:.4f} > {vtol:g}"
+        )
+    return "fails: " + "; ".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# step_size="auto"
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_step_size(
+    post: LocalPosterior,
+    method: str,
+    options: dict,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    **calibrate_kw,
+) -> dict:
+    """Options with ``step_size="auto"`` replaced by ``calibrate_step_size``'s recommendation.
+
+    The calibration uses the run's ``batch_size`` and kernel options (``friction``,
+    ``alpha``, ``eps``), so the step it recommends is judged for the sampler that will use
+    it. Options without ``step_size="auto"`` are returned unchanged (a copy). When no
+    step size meets the tolerance, ``calibrate_step_size`` warns with its reasoning and
+    the fallback is used.
+
+    Parameters
+    ----------
+    post : LocalPosterior
+    method : str
+        An SG-MCMC method.
+    options : dict
+        The sampler's options, as passed to ``post.sample``.
+    seed, progress :
+        For the calibration runs.
+    **calibrate_kw
+        Passed to ``calibrate_step_size`` (``tolerance``, ``steps``, ``chains``, ...).
+
+    Returns
+    -------
+    dict
+        A copy of ``options`` with a numeric ``step_size``.
+    """
+    out = dict(options)
+    st = out.get("step_size")
+    if not (isinstance(st, str) and st.lower() == "auto"):
+        return out
+    kernel_kw = {k: out[k] for k in ("friction", "alpha", "eps", "vectorize") if k in out}
+    cal = calibrate_step_size(
+        post,
+        method,
+        batch_size=out.get("batch_size"),
+        seed=seed,
+        progress=progress,
+        **kernel_kw,
+        **calibrate_kw,
+    )
+    out["step_size"] = float(cal.recommended)
+    return out
