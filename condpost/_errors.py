@@ -92,6 +92,14 @@ def match_patterns(
         return list(names)
     if isinstance(patterns, str):
         patterns = [patterns]
+    elif not isinstance(patterns, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"{argname} must be a glob pattern (str) or a list of them, naming entries of "
+            f"`named_parameters()`; got {type(patterns).__name__} {patterns!r}. For example "
+            f"{argname}='0.*' selects the parameters of module '0', {argname}=['0.weight', "
+            f"'2.*'] several; leave {argname} out to select all. Nearest {what} names: "
+            f"{list(names)[:5]}"
+        )
     selected: list[str] = []
     for p in patterns:
         if not isinstance(p, str):
@@ -120,12 +128,67 @@ def check_finite(t: torch.Tensor, argname: str) -> None:
             )
 
 
-def check_options(options: dict, known, where: str) -> None:
-    """Raise ``TypeError`` for unknown keyword options, naming the nearest valid ones."""
+# Option names other libraries use for the same thing (Pyro, NumPyro, devinterp, PyTorch
+# optimisers): an unknown option with one of these names gets "did you mean" for condpost's.
+OPTION_ALIASES: dict[str, str] = {
+    "num_samples": "draws",
+    "num_draws": "draws",
+    "samples": "draws",
+    "num_warmup": "warmup",
+    "warmup_steps": "warmup",
+    "num_burnin_steps": "warmup",
+    "burn_in": "warmup",
+    "burnin": "warmup",
+    "num_chains": "chains",
+    "lr": "step_size",
+    "learning_rate": "step_size",
+    "epsilon": "step_size",
+    "eps_step": "step_size",
+    "target_accept_prob": "target_accept",
+    "full_mass": "dense_mass",
+    "thinning": "thin",
+    "num_steps_bw_draws": "thin",
+    "rng_key": "seed",
+    "random_seed": "seed",
+    "rng_seed": "seed",
+    "disable_progbar": "progress",
+    "progress_bar": "progress",
+}
+
+# Options that belong to the declaration, not to a sampler run: name where to set them.
+DECLARATION_OPTIONS: dict[str, str] = {
+    "nbeta": "nβ is part of the declaration: LocalPosterior(..., nbeta=...) or post.with_nbeta(v)",
+    "localization": "γ is part of the declaration: LocalPosterior(..., localization=...)",
+    "elasticity": "devinterp's elasticity is γ, part of the declaration: "
+    "LocalPosterior(..., localization=...)",
+    "temperature": "the temperature is set by nβ in the declaration: "
+    "LocalPosterior(..., nbeta=...)",
+}
+
+
+def check_options(options: dict, known, where: str, also_valid=()) -> None:
+    """Raise ``TypeError`` for unknown keyword options, naming the nearest valid ones.
+
+    ``also_valid`` are names valid at the call site but not in ``known`` (e.g. the
+    ``chains``/``warmup``/``draws`` arguments of ``sample``): another library's name for
+    one of them (``num_samples`` → ``draws``, ``lr`` → ``step_size``; see
+    ``OPTION_ALIASES``) is answered with it.
+    """
     if options:
         bad = sorted(options)
-        hints = {k: nearest(k, known, n=1) for k in bad}
-        hint = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" for k, h in hints.items() if h)
+        valid = set(known) | set(also_valid)
+        hints = []
+        for k in bad:
+            alias = OPTION_ALIASES.get(k)
+            if k in DECLARATION_OPTIONS:
+                hints.append(f"{k!r}: {DECLARATION_OPTIONS[k]}")
+            elif alias is not None and alias in valid:
+                hints.append(f"{k!r} (did you mean {alias!r}? condpost calls it {alias}=)")
+            else:
+                h = nearest(k, known, n=1)
+                if h:
+                    hints.append(f"{k!r} (did you mean {h[0]!r}?)")
+        hint = "; ".join(hints)
         raise TypeError(
             f"unknown option(s) {bad} for {where}. "
             + (f"{hint}. " if hint else "")

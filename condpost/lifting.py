@@ -24,6 +24,7 @@ _STOCHASTIC_IN_TRAINING = (
     nn.modules.dropout._DropoutNd,
     nn.modules.batchnorm._BatchNorm,
     nn.AlphaDropout,
+    nn.RReLU,
 )
 
 
@@ -137,8 +138,8 @@ class LiftedNetwork:
         ]
         if stochastic:
             raise ValueError(
-                f"net has dropout/batch-norm modules in training mode ({stochastic[:3]}); the "
-                f"posterior needs a deterministic forward pass. Call `net.eval()` first."
+                f"net has dropout/batch-norm/RReLU modules in training mode ({stochastic[:3]}); "
+                f"the posterior needs a deterministic forward pass. Call `net.eval()` first."
             )
         all_params = dict(net.named_parameters())
         if not all_params:
@@ -148,15 +149,39 @@ class LiftedNetwork:
         if exclude is not None:
             excluded = set(match_patterns(exclude, names_all, "exclude"))
             selected = [n for n in selected if n not in excluded]
+        # only floating parameters have a density to sample: integer (or bool/complex)
+        # ones stay constants at w*, and naming one explicitly is an error
+        nonfloat = [n for n in selected if not all_params[n].is_floating_point()]
+        if nonfloat:
+            kinds = ", ".join(f"{n!r} ({all_params[n].dtype})" for n in nonfloat[:4])
+            if include is not None:
+                raise TypeError(
+                    f"include selects non-floating parameter(s) {kinds}: condpost samples only "
+                    f"floating-point weights (an integer parameter has no density to sample, "
+                    f"and lifting it as a float would change the network). Leave it out of "
+                    f"include= (or add it to exclude=); it then stays fixed at its value."
+                )
+            from ._errors import warn
+
+            warn(
+                f"net has non-floating parameter(s) {kinds}; they are not lifted and stay "
+                f"fixed at their values (condpost samples only floating-point weights). Pass "
+                f"exclude={nonfloat[:4]!r} to say so and silence this note."
+            )
+            selected = [n for n in selected if n not in nonfloat]
         if not selected:
             raise ValueError(
                 "include/exclude select no parameters; at least one parameter must be lifted. "
                 f"Parameters: {names_all[:10]}"
             )
         if dtype is None:
-            dtype = next(iter(all_params.values())).dtype
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype; got {dtype}")
+            floating = [p for p in all_params.values() if p.is_floating_point()]
+            dtype = floating[0].dtype
+        dtype_arg = dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(
+                f"dtype must be a floating torch dtype (e.g. torch.float64); got {dtype_arg!r}"
+            )
         self.net = net
         self.dtype = dtype
         self.device = next(iter(all_params.values())).device
@@ -210,15 +235,65 @@ class LiftedNetwork:
         """Split ``w`` of shape ``[..., d]`` into ``{name: tensor[..., *shape]}`` (views)."""
         if w.shape[-1] != self.d:
             raise ValueError(f"w has trailing size {w.shape[-1]}; the lifted vector has d={self.d}")
-        batch = w.shape[:-1]
+        batch = tuple(w.shape[:-1])
         return {
-            n: w[..., o : o + k].reshape(*batch, *s)
+            n: w[..., o : o + k].reshape(batch + tuple(s))
             for n, o, k, s in zip(self.names, self.offsets, self.numels, self.shapes, strict=True)
         }
 
     def flatten(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Inverse of ``unflatten`` for unbatched parameter dicts."""
-        return torch.cat([params[n].reshape(-1) for n in self.names])
+        """Inverse of ``unflatten``: ``{name: [*batch, *shape]}`` → ``[*batch, d]``."""
+        batch = self.batch_shape(params)
+        if not batch:
+            return torch.cat([params[n].reshape(-1) for n in self.names])
+        parts = []
+        for n, s in zip(self.names, self.shapes, strict=True):
+            p = params[n]
+            p = p.reshape(self._own_batch(p, s) + tuple(s))
+            parts.append(p.expand(batch + tuple(s)).reshape(batch + (-1,)))
+        return torch.cat(parts, -1)
+
+    # ------------------------------------------------------------------ batch dims
+    @staticmethod
+    def _own_batch(t: torch.Tensor, shape) -> tuple[int, ...]:
+        """Leading batch dims of ``t`` beyond the parameter ``shape``, trailing 1s dropped.
+
+        Pyro places a sample dim on the left and pads with singleton plate dims (e.g.
+        ``Predictive(parallel=True)`` gives ``[S, ...]`` or ``[S, 1, ...]``, vectorized
+        ELBO particles ``[P, 1, ...]``); the padding is dropped so that every parameter
+        carries the same batch.
+        """
+        b = list(t.shape[: t.dim() - len(shape)])
+        while b and b[-1] == 1:
+            b.pop()
+        return tuple(b)
+
+    def batch_shape(self, lifted: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        """The common leading batch shape of the lifted parameters (``()`` if unbatched).
+
+        Batch dims are aligned on the left (sample dim first) and broadcast.
+        """
+        own = []
+        for n, s in zip(self.names, self.shapes, strict=True):
+            t = lifted.get(n)
+            if t is None:
+                continue
+            if t.dim() < len(s) or tuple(t.shape[t.dim() - len(s) :]) != tuple(s):
+                raise ValueError(
+                    f"lifted parameter {n!r} has shape {tuple(t.shape)}; expected {tuple(s)} "
+                    f"(optionally with leading batch dims)"
+                )
+            own.append(self._own_batch(t, s))
+        if not any(own):
+            return ()
+        k = max(len(b) for b in own)
+        try:
+            return tuple(torch.broadcast_shapes(*[b + (1,) * (k - len(b)) for b in own]))
+        except RuntimeError:
+            raise ValueError(
+                f"the lifted parameters carry incompatible batch dims {sorted(set(own))}; all "
+                f"lifted weights must share the same leading batch shape"
+            ) from None
 
     def slice_of(self, name: str) -> slice:
         i = self.names.index(name)
@@ -242,6 +317,13 @@ class LiftedNetwork:
         ``replace`` maps sites to tensors that replace those modules' outputs (activation
         patching); a replaced site must run exactly once.
         """
+        batch = self.batch_shape(lifted) if lifted else ()
+        if batch:
+            return self._call_batched(lifted, x, sites, replace, batch)
+        shapes = dict(zip(self.names, self.shapes, strict=True))
+        if any(tuple(v.shape) != tuple(shapes.get(k, v.shape)) for k, v in lifted.items()):
+            # singleton batch dims only (e.g. one Pyro sample): drop them
+            lifted = {k: v.reshape(shapes[k]) if k in shapes else v for k, v in lifted.items()}
         params = self.full_params(lifted)
         acts: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
@@ -262,6 +344,43 @@ class LiftedNetwork:
                 f"the network returned a {type(out).__name__}; condpost needs a single output "
                 f"tensor. Wrap the module so that forward returns one tensor."
             )
+        return out, acts
+
+    def _call_batched(self, lifted, x, sites, replace, batch):
+        """``call`` for lifted weights with leading batch dims: ``torch.func.vmap`` over them.
+
+        Outputs and activations get shape ``[*batch, *unbatched shape]``.
+        """
+        from torch.func import vmap
+
+        flat = {}
+        B = 1
+        for b in batch:
+            B *= b
+        for n, s in zip(self.names, self.shapes, strict=True):
+            t = lifted[n]
+            t = t.reshape(self._own_batch(t, s) + tuple(s))
+            k = len(batch) - (t.dim() - len(s))
+            t = t.reshape(tuple(t.shape[: t.dim() - len(s)]) + (1,) * k + tuple(s))
+            flat[n] = t.expand(batch + tuple(s)).reshape((B,) + tuple(s))
+
+        def one(p):
+            return self.call(p, x, sites, replace)
+
+        try:
+            out, acts = vmap(one, randomness="error")(flat)
+        except RuntimeError as e:
+            if "vmap" not in str(e) and "randomness" not in str(e):
+                raise
+            # a forward pass vmap cannot batch (data-dependent control flow, .item()):
+            # one call per batch element
+            parts = [
+                self.call({n: v[i] for n, v in flat.items()}, x, sites, replace) for i in range(B)
+            ]
+            out = torch.stack([p[0] for p in parts])
+            acts = {s: torch.stack([p[1][s] for p in parts]) for s in parts[0][1]}
+        out = out.reshape(batch + tuple(out.shape[1:]))
+        acts = {s: a.reshape(batch + tuple(a.shape[1:])) for s, a in acts.items()}
         return out, acts
 
     def forward(self, w: torch.Tensor, x: torch.Tensor, sites: Sequence[str] = ()):

@@ -80,12 +80,24 @@ class LocalPosterior:
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
             raise TypeError("data must be a pair (x, y) of tensors")
         x = torch.as_tensor(data[0])
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"data is empty: data[0] (inputs x) has shape {tuple(x.shape)}, so there are no "
+                f"samples to define L_n. Pass x of shape [n, ...] and y of shape [n, ...] with "
+                f"n ≥ 1 (n ≥ 2 for nbeta='wbic')."
+            )
         if x.is_floating_point():
             x = x.to(self.dtype)
         x = x.to(self.device)
         check_finite(x, "data[0] (inputs x)")
         self.likelihood = as_likelihood(likelihood)
-        y = self.likelihood.prepare_targets(data[1], self.dtype).to(self.device)
+        y = _bool_targets(torch.as_tensor(data[1]), self.likelihood)
+        y = self.likelihood.prepare_targets(y, self.dtype).to(self.device)
+        if y.dim() == 0:
+            raise ValueError(
+                f"data[1] (targets y) is a scalar; it needs one target per sample, shape "
+                f"[{x.shape[0]}, ...]"
+            )
         if x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"data: x has {x.shape[0]} samples but y has {y.shape[0]}; they must match"
@@ -96,8 +108,9 @@ class LocalPosterior:
         self.nbeta_spec = nbeta if isinstance(nbeta, str) else float(nbeta)
         self.localization = check_localization(localization)
         self.include, self.exclude = include, exclude
-        with torch.no_grad():
-            out = self.lifted.forward(self.center, x)
+        out = _forward_at_center(self.lifted, self.center, x)
+        if not _REDECLARING:
+            _check_deterministic_and_gradients(self.lifted, self.center, x, out)
         self.likelihood.validate(out, y)
         with torch.no_grad():
             nll = self.likelihood.nll(out, y)
@@ -174,7 +187,13 @@ class LocalPosterior:
         )
         specs = kw.pop("constraints", self._specs)
         args.update(kw)
-        new = LocalPosterior(self.lifted.net, (self.x, self.y), self.likelihood, **args)
+        _REDECLARING.append(True)  # the checks of the network already ran for this one
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*non-floating parameter")
+                new = LocalPosterior(self.lifted.net, (self.x, self.y), self.likelihood, **args)
+        finally:
+            _REDECLARING.pop()
         for c in specs:
             new.preserve(c)
         return new
@@ -469,8 +488,11 @@ class LocalPosterior:
             Initial learning rate (default 0.01), decayed 100× over the run.
         """
         from .infer import registry
+        from .run import _count
         from .variational import SVIResult
 
+        seed = _count("seed", seed, 0)
+        steps = _count("steps", steps, 1)
         m = registry.get(method, kind="vi")
         backend = "numpyro" if backend == "jax" else backend
         fn = registry.runner(m, backend)
@@ -480,6 +502,7 @@ class LocalPosterior:
                 {k: v for k, v in kwargs.items() if k not in names},
                 names,
                 f"fit method={m.name!r} on backend={backend!r}",
+                also_valid=("guide", "steps", "seed", "lr", "backend", "progress"),
             )
         fit = fn(self, guide=guide, steps=steps, seed=seed, lr=lr, progress=progress, **kwargs)
         return SVIResult.from_fit(self, fit)
@@ -521,3 +544,136 @@ class LocalPosterior:
             "loss_center": self.loss_center,
             "center_check": dict(self.center_check),
         }
+
+
+# ---------------------------------------------------------------------- declaration checks
+_REDECLARING: list[bool] = []  # non-empty while _replace re-declares a checked posterior
+
+
+def _bool_targets(y: torch.Tensor, likelihood: Likelihood) -> torch.Tensor:
+    """Boolean targets: class labels 0/1 for Categorical, kept for Bernoulli, refused for Gaussian."""
+    if y.dtype != torch.bool:
+        return y
+    from .likelihoods import Categorical, Gaussian
+
+    if isinstance(likelihood, Categorical):
+        return y.long()  # False/True are the classes 0/1
+    if isinstance(likelihood, Gaussian):
+        raise TypeError(
+            "data[1] (targets y) is boolean, but Gaussian(scale=...) needs real-valued "
+            "targets. For binary labels use cp.Bernoulli() (one logit) or cp.Categorical() "
+            "(two logits); if you do mean 0/1 regression targets pass y.to(torch.float64)."
+        )
+    return y
+
+
+def _forward_at_center(lifted: LiftedNetwork, center: torch.Tensor, x: torch.Tensor):
+    """The network's output at ``w*`` on ``x``, with errors that say which input is wrong."""
+    n = int(x.shape[0])
+    desc = f"data[0] (inputs x) of shape {tuple(x.shape)} and dtype {x.dtype}"
+    try:
+        with torch.no_grad():
+            out = lifted.forward(center, x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        hints = []
+        if not x.is_floating_point() and any(
+            k in str(e) for k in ("dtype", "Long", "Int", "Float", "Double", "type")
+        ):
+            hints.append(
+                f"x has integer dtype {x.dtype}, but the network computes with floating "
+                f"inputs: pass x.to({lifted.dtype}) (condpost keeps integer inputs as they "
+                f"are, because embedding layers need token ids)"
+            )
+        if x.dim() == 1:
+            hints.append(
+                "x is 1-D: condpost reads its first dimension as the n samples, so each "
+                "sample is a scalar; for a network that takes one feature per sample pass "
+                "x.unsqueeze(-1) (shape [n, 1])"
+            )
+        hint = (" " + "; ".join(hints) + ".") if hints else ""
+        raise ValueError(
+            f"the network's forward pass failed at w* on {desc}: {type(e).__name__}: {msg}.{hint}"
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        hint = (
+            " x is 1-D: for one feature per sample pass x.unsqueeze(-1) (shape [n, 1])."
+            if x.dim() == 1
+            else ""
+        )
+        raise ValueError(
+            f"the network's output on {desc} has shape {shape}; its first dimension must be "
+            f"the n = {n} samples of x (one output per sample).{hint}"
+        )
+    return out
+
+
+def _check_deterministic_and_gradients(lifted: LiftedNetwork, center, x, out) -> None:
+    """At declaration: the forward must be deterministic, and every lifted weight must matter.
+
+    Two forward passes at ``w*`` on the same rows (at most 256) must agree (else
+    ``ValueError``: dropout/RReLU in training mode, ``F.dropout(training=True)``, or
+    ``torch.randn`` in ``forward``). Then the output's gradient along a random direction
+    is taken with respect to the lifted vector; a lifted parameter tensor whose gradient
+    is identically zero (``.detach()``, ``torch.round``, an unused parameter, all units
+    dead on the data) gets a warning naming it.
+    """
+    xs = x[:256]
+    gen = torch.Generator().manual_seed(0)
+    w = center.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            o1 = lifted.forward(w, xs)
+    except Exception:  # noqa: BLE001 - the full-data forward worked; be lenient here
+        return
+    with torch.no_grad():
+        o2 = lifted.forward(center, xs)
+    a, b = o1.detach(), o2
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(
+            f"net: two forward passes at w* on the same inputs gave outputs of shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}; the posterior needs a deterministic "
+            f"forward pass."
+        )
+    if a.is_floating_point():
+        eps = torch.finfo(a.dtype).eps
+        scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        diff = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
+        differs = diff > 1e3 * eps * scale or bool((finite != torch.isfinite(b)).any())
+    else:
+        diff, differs = float("nan"), not torch.equal(a, b)
+    if differs:
+        raise ValueError(
+            f"net: the forward pass is random: two calls at w* on the same {xs.shape[0]} "
+            f"input(s) gave outputs that differ by up to {diff:.3g}, so U(w) changes from "
+            f"one evaluation to the next and no sampler can target it. Typical causes: "
+            f"dropout or RReLU in training mode, F.dropout(..., training=True), or "
+            f"torch.randn/torch.rand inside forward. Call net.eval(), pass "
+            f"training=self.training to functional dropout, or remove the randomness "
+            f"(draw any noise once outside forward and pass it in)."
+        )
+    if not (o1.requires_grad and o1.is_floating_point() and o1.numel()):
+        zero = list(lifted.names)
+    else:
+        r = torch.randn(o1.shape, generator=gen, dtype=torch.float64).to(o1)
+        try:
+            (g,) = torch.autograd.grad((o1 * r).sum(), w, allow_unused=True)
+        except RuntimeError:
+            return
+        if g is None:
+            zero = list(lifted.names)
+        else:
+            zero = [nm for nm in lifted.names if not bool((g[lifted.slice_of(nm)] != 0).any())]
+    if zero:
+        shown = zero[:6] + (["…"] if len(zero) > 6 else [])
+        warn(
+            f"net: the gradient of the network's output with respect to the lifted "
+            f"parameter(s) {shown} is identically zero at w* (on {xs.shape[0]} input(s)), so "
+            f"the likelihood does not constrain them and they move only under the local "
+            f"prior. Typical causes: .detach(), torch.round/argmax or integer casts in "
+            f"forward, a parameter forward never uses, or units dead on all the data. If "
+            f"that is not intended, remove the operation that blocks the gradient; otherwise "
+            f"leave them out of the lifted set (exclude=...)."
+        )

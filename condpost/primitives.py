@@ -97,10 +97,17 @@ class LiftedFunction:
     Calling it runs the functional forward pass. It is returned by ``lift``.
     """
 
-    def __init__(self, name: str, lifted: LiftedNetwork, params: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        name: str,
+        lifted: LiftedNetwork,
+        params: dict[str, torch.Tensor],
+        scale: float = 1.0,
+    ) -> None:
         self.name = name
         self.lifted = lifted
         self.params = params
+        self.scale = scale
         self._capture: list[tuple[list[str], dict]] = []
 
     @property
@@ -108,17 +115,72 @@ class LiftedFunction:
         return self.lifted.net
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the network with the sampled weights.
+
+        Weights with leading batch dims (``Predictive(parallel=True)``, vectorized ELBO
+        particles) give an output of shape ``[*batch, *output shape]`` (``torch.func.vmap``
+        over the batch; Pyro's singleton plate padding is dropped).
+        """
         sites: list[str] = []
         for s, _ in self._capture:
             sites.extend(t for t in s if t not in sites)
         out, acts = self.lifted.call(self.params, x, sites)
+        for site in sites:
+            dep = _site_depends_on_lifted(self.lifted, site, x, self.scale)
+            if dep is not True:
+                # cp.preserve on this activation raises (no autograd path) or warns (zero
+                # gradient), like the declarative API
+                acts[site]._condpost_unaffected = (self.name, site, dep)  # type: ignore[attr-defined]
         for s, store in self._capture:
             store.update({k: acts[k] for k in s})
         return out
 
     def flat(self) -> torch.Tensor:
-        """The lifted parameters as one flat vector."""
+        """The lifted parameters as one flat vector (``[*batch, d]`` when batched)."""
         return self.lifted.flatten(self.params)
+
+
+def _site_depends_on_lifted(lifted: LiftedNetwork, site: str, x, scale: float):
+    """Whether the activation at ``site`` depends on the lifted weights (cached per network).
+
+    True when its gradient with respect to the lifted vector is non-zero at ``w*`` or at
+    a random point at the prior's scale, on up to 64 rows of ``x``; ``"structural"`` when
+    there is no autograd path, ``"zero"`` when the gradient is zero at both points.
+    """
+    if not isinstance(x, torch.Tensor):
+        return True
+    key = (site, tuple(x.shape[1:]), x.dtype, scale)
+    cache = lifted.__dict__.setdefault("_site_dependence", {})
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    xs = x[:64] if x.dim() > 0 else x
+    gen = torch.Generator().manual_seed(0)
+    c = lifted.center
+    noise = torch.randn(c.shape, generator=gen, dtype=c.dtype).to(c.device)
+    dep: bool | str = "zero"
+    for w0 in (c, c + scale * noise):
+        w = w0.detach().clone().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                _, acts = lifted.call(lifted.unflatten(w), xs, [site])
+                a = acts[site]
+                if not a.requires_grad:
+                    dep = "structural"
+                    break
+                r = torch.randn(a.shape, generator=gen, dtype=torch.float64).to(a)
+                (g,) = torch.autograd.grad((a * r).sum(), w, allow_unused=True)
+        except Exception:  # noqa: BLE001 - the check must never break a working model
+            dep = True
+            break
+        if g is None:
+            dep = "structural"
+            break
+        if bool((g != 0).any()):
+            dep = True
+            break
+    cache[key] = dep
+    return dep
 
 
 _LIFT_CACHE: dict[tuple, LiftedNetwork] = {}
@@ -191,7 +253,7 @@ def lift(
             dist.Normal(c, torch.full_like(c, scale)).to_event(c.dim()),
             infer={_CENTER_KEY: c},
         )
-    return LiftedFunction(name, lifted, params)
+    return LiftedFunction(name, lifted, params, scale)
 
 
 class TemperMessenger(Messenger):
@@ -255,23 +317,42 @@ def preserve(
     * or a ready ``log_factor`` (``−ρ D`` of any defect family).
 
     The site is never scaled by ``temper``. Returns the log-factor.
+
+    A ``value`` with more dims than ``target`` (lifted weights with batch dims, as under
+    ``Predictive(parallel=True)`` or vectorized ELBO particles) gives one log-factor per
+    batch element, placed on the outermost enclosing plate of that size.
+
+    Raises ``ValueError`` when ``value`` does not depend on any weight lifted by
+    ``cp.lift`` (an activation captured at a site upstream of every lifted weight, or a
+    constant while the lifted weights are being differentiated): such a factor is a
+    constant and cannot change the posterior.
     """
     if log_factor is None:
         if value is None or target is None:
             raise ValueError("preserve needs value= and target=, or a log_factor=")
         if (tolerance is None) == (strength is None):
             raise ValueError("preserve: give exactly one of tolerance= or strength=")
+        _check_value_depends(name, value)
         diff = value - target
+        dims = _event_dims(value, target)
         if tolerance is not None:
             if not tolerance > 0:
                 raise ValueError(f"preserve: tolerance must be positive; got {tolerance!r}")
-            log_factor = -(diff * diff).sum() / (2.0 * float(tolerance) ** 2)
+            denom = 2.0 * float(tolerance) ** 2
+            if not (denom > 0 and math.isfinite(1.0 / denom)):
+                raise ValueError(
+                    f"preserve({name!r}): tolerance={tolerance!r} is too small to represent "
+                    f"(1/(2σ²) overflows); use a tolerance of at least 1e-150, and in practice "
+                    f"one the sampler can resolve (see the Constraints page)"
+                )
+            log_factor = -_reduce(diff * diff, dims, "sum") / denom
         else:
             if nbeta is None:
                 raise ValueError("preserve(strength=α) needs nbeta= (ρ = nβ·α)")
             if not strength > 0:
                 raise ValueError(f"preserve: strength must be positive; got {strength!r}")
-            log_factor = -float(nbeta) * float(strength) * (diff * diff).mean()
+            log_factor = -float(nbeta) * float(strength) * _reduce(diff * diff, dims, "mean")
+        log_factor = _align_to_plate(log_factor)
     unit = dist.Unit(log_factor)
     pyro.sample(
         f"constraint/{name}",
@@ -280,6 +361,99 @@ def preserve(
         infer={"is_auxiliary": True, _CONSTRAINT_KEY: True},
     )
     return log_factor
+
+
+def _event_dims(value, target):
+    """The trailing dims of ``value`` that ``target`` describes; None means all of them."""
+    if (
+        isinstance(value, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and target.dim() >= 1
+        and value.dim() > target.dim()
+    ):
+        return tuple(range(-target.dim(), 0))
+    return None
+
+
+def _reduce(t: torch.Tensor, dims, how: str) -> torch.Tensor:
+    if dims is None:
+        return t.sum() if how == "sum" else t.mean()
+    return t.sum(dims) if how == "sum" else t.mean(dims)
+
+
+def _align_to_plate(lf):
+    """Put a ``[S]`` log-factor on the outermost enclosing plate of size ``S``.
+
+    Pyro's vectorizing plates (``Predictive(parallel=True)``, vectorized ELBO particles)
+    sit at ``dim = −max_plate_nesting − 1``; a factor of shape ``[S]`` must be shaped
+    ``[S, 1, ..., 1]`` to line up with it (else the plate broadcasts it to ``[S, S]``).
+    """
+    if not isinstance(lf, torch.Tensor) or lf.dim() != 1:
+        return lf
+    from pyro.poutine.indep_messenger import IndepMessenger
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    dims = [
+        m.dim
+        for m in _PYRO_STACK
+        if isinstance(m, IndepMessenger) and m.dim is not None and m.size == lf.shape[0]
+    ]
+    if not dims:
+        return lf
+    dim = min(dims)
+    return lf.reshape((lf.shape[0],) + (1,) * (-dim - 1))
+
+
+def _check_value_depends(name: str, value) -> None:
+    """Raise when the preserved ``value`` cannot depend on the lifted weights."""
+    src = getattr(value, "_condpost_unaffected", None)
+    reason = None
+    if src is not None:
+        lname, site, kind = src
+        if kind == "zero":
+            from ._errors import ConstraintWarning, warn
+
+            warn(
+                f"cp.preserve({name!r}): the activation at site {site!r} has zero gradient "
+                f"with respect to the weights lifted by cp.lift({lname!r}, ...) at w* and "
+                f"nearby (e.g. every unit dead on these inputs), so this factor may not change "
+                f"the posterior.",
+                ConstraintWarning,
+            )
+            return
+        reason = (
+            f"the activation at site {site!r} does not depend on any weight lifted by "
+            f"cp.lift({lname!r}, ...) (no gradient path from the lifted weights to it)"
+        )
+    elif isinstance(value, torch.Tensor) and not value.requires_grad:
+        from pyro.poutine.runtime import _PYRO_STACK
+        from pyro.poutine.trace_messenger import TraceMessenger
+
+        for m in _PYRO_STACK:
+            if not isinstance(m, TraceMessenger):
+                continue
+            lifted = [
+                k
+                for k, site in m.trace.nodes.items()
+                if site.get("type") == "sample"
+                and _CENTER_KEY in (site.get("infer") or {})
+                and isinstance(site.get("value"), torch.Tensor)
+                and site["value"].requires_grad
+            ]
+            if lifted:
+                reason = (
+                    f"value does not depend on any lifted weight: the lifted sites "
+                    f"{lifted[:4]} are being differentiated but value has no gradient path "
+                    f"to them"
+                )
+                break
+    if reason is not None:
+        raise ValueError(
+            f"cp.preserve({name!r}): {reason}, so the factor constraint/{name} is a constant "
+            f"and cannot change the posterior; the declarative API refuses it the same way "
+            f'("does not depend on any lifted parameter"). Preserve an activation downstream '
+            f"of the lifted weights, or lift parameters that feed this site (include=...)."
+        )
 
 
 @contextlib.contextmanager

@@ -122,6 +122,7 @@ def sample(
             {k: v for k, v in options.items() if k not in names},
             names,
             f"method={m.name!r} on backend={backend!r}",
+            also_valid=("chains", "warmup", "draws", "seed", "backend", "progress"),
         )
     if note:
         print(note)
