@@ -284,7 +284,7 @@ class Constraint:
             t = t.reshape(t.shape[0], -1) if bound.probes is not None else t.reshape(-1, 1)
             bound.state["spread"] = float(((t - t.mean(0)) ** 2).sum())
         if self.tolerance is not None:
-            bound.rho = bound.k / (2.0 * self.tolerance**2)
+            bound.rho = _tolerance_rho(post, bound, self.tolerance)
         else:
             n_c = self.n_c if self.n_c is not None else post.n
             bound.rho = post.nbeta * self.strength * n_c / post.n
@@ -343,6 +343,86 @@ def _check_depends_on_lifted(post: LocalPosterior, bound: BoundConstraint) -> No
     if structural or isinstance(bound.spec, Feature):
         raise ValueError(msg)
     warn(msg, ConstraintWarning)
+
+
+# A tolerance this many times below the feature's spread under the local prior sets a
+# length scale that HMC/NUTS cannot bridge (tree depth 10 is 1023 leapfrog steps).
+_TOLERANCE_RATIO_WARN = 1e4
+
+
+def _tolerance_rho(post: LocalPosterior, bound: BoundConstraint, sigma: float) -> float:
+    """``ρ = k/(2σ²)``, refusing a tolerance below what the numbers or a sampler can resolve.
+
+    * ``ValueError`` when ``ρ`` is not representable (``σ² = 0`` or overflow) or ``σ`` is
+      below the floating-point resolution of the feature at ``w*`` (a few ulps of its
+      largest entry in the posterior's dtype);
+    * a ``ConstraintWarning`` when ``σ`` is over ``10⁴`` times smaller than the RMS change
+      of the feature at a draw of the local prior ``N(w*, γ⁻¹I)`` (the binding ratio at
+      such a draw, ``D/σ²``, exceeds 10⁸): the sampler would need about that many
+      leapfrog steps per independent draw.
+    """
+    name = bound.name
+    denom = 2.0 * sigma * sigma
+    rho = bound.k / denom if denom > 0 else math.inf
+    if not math.isfinite(rho):
+        raise ValueError(
+            f"constraint {name!r}: tolerance={sigma!r} is too small to represent: "
+            f"ρ = k/(2σ²) overflows in floating point. A tolerance is in the feature's "
+            f"units (RMS per entry); choose one the sampler can resolve, e.g. a few percent "
+            f"of the feature's typical size."
+        )
+    plan = {id(p): (p, sites) for p, sites in bound.requests()}
+
+    def view_at(w):
+        return ForwardView(post.lifted, post.lifted.unflatten(w), plan, flat=w, loss_fn=post.loss)
+
+    try:
+        with torch.no_grad():
+            scale = 0.0
+            if bound.target is not None and bound.target.is_floating_point():
+                scale = float(bound.target.detach().abs().max()) if bound.target.numel() else 0.0
+            if bound.family == "gaussian":
+                f = bound.feature(view_at(post.center))
+                if isinstance(f, torch.Tensor) and f.is_floating_point() and f.numel():
+                    scale = max(scale, float(f.detach().abs().max()))
+            eps = torch.finfo(post.dtype).eps
+            if scale > 0 and sigma < 4 * eps * scale:
+                raise ValueError(
+                    f"constraint {name!r}: tolerance={sigma:.3g} is below the floating-point "
+                    f"resolution of this feature in {str(post.dtype).replace('torch.', '')} "
+                    f"(its entries reach {scale:.3g}, and one rounding step is about "
+                    f"{eps * scale:.2g}): the constraint would only measure rounding error. "
+                    f"Use a tolerance of at least {1e3 * eps * scale:.2g} (a few percent of the "
+                    f"feature's size is typical), or declare the posterior with "
+                    f"dtype=torch.float64."
+                )
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            prior_sd = post.localization**-0.5
+            ds = []
+            for _ in range(2):
+                z = torch.randn(post.d, generator=gen, dtype=post.dtype).to(post.device)
+                d = float(bound.defect(view_at(post.center + prior_sd * z)))
+                if math.isfinite(d):
+                    ds.append(d)
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - a heuristic check must never break a declaration
+        return rho
+    if ds:
+        ratio = math.sqrt(max(sum(ds) / len(ds), 0.0)) / sigma
+        if ratio > _TOLERANCE_RATIO_WARN:
+            loose = math.sqrt(sum(ds) / len(ds)) / _TOLERANCE_RATIO_WARN
+            warn(
+                f"constraint {name!r}: tolerance={sigma:.3g} is {ratio:.2g} times smaller than "
+                f"the feature's RMS change at a draw of the local prior N(w*, γ⁻¹I) "
+                f"({sigma * ratio:.3g}). The constrained directions are then {ratio:.2g} times "
+                f"narrower than the rest, and HMC/NUTS need about that many leapfrog steps per "
+                f"independent draw (tree depth 10 allows 1023): expect divergences or chains "
+                f"that barely move. Loosen it (tolerance ≥ {loose:.2g} keeps the ratio below "
+                f"{_TOLERANCE_RATIO_WARN:.0e}), or raise localization.",
+                ConstraintWarning,
+            )
+    return rho
 
 
 def _is_pos_finite(v) -> bool:

@@ -169,11 +169,45 @@ class _Wrap(nn.Module):
 def _quiet_export():
     # torch.export emits internal deprecation chatter (pytree, tracing); none of it is
     # actionable for condpost users, and the test suite runs with warnings as errors.
-    with warnings.catch_warnings():
+    # On a failed trace it also prints the partial FX graph to stderr and logs symbolic-
+    # shape warnings; both are captured here (the error says why in one line instead).
+    import io
+    import logging
+
+    loggers = [
+        lg
+        for name, lg in list(logging.root.manager.loggerDict.items())
+        if name.startswith("torch") and isinstance(lg, logging.Logger)
+    ] + [logging.getLogger("torch")]
+    levels = [(lg, lg.level) for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()) as err:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        yield
+        for lg, _ in levels:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield err
+        finally:
+            for lg, lv in levels:
+                lg.setLevel(lv)
+
+
+def _user_line(text: str) -> str:
+    """The last ``# File: ... code: ...`` line of a partial FX graph outside torch and condpost."""
+    import os
+
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    best = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("# File: "):
+            continue
+        where = line[len("# File: ") :]
+        if "site-packages/torch" in where or where.startswith(pkg):
+            continue
+        best = where
+    return best
 
 
 class ExportedFunction:
@@ -367,15 +401,18 @@ def export_function(
     if isinstance(precision, str):
         precision = jax.lax.Precision[precision.upper()]
     module = fn if isinstance(fn, nn.Module) else _Wrap(fn)
-    with _quiet_export():
+    with _quiet_export() as err:
         try:
             ep = torch.export.export(module, example_args, strict=False)
         except Exception as e:  # torch raises many types here; the caller needs one
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            graph = str(getattr(e, "partial_fx_graph", "") or "") + err.getvalue()
+            at = _user_line(graph)
+            at = f" at {at[:200]}" if at else ""
             raise ExportError(
-                f"torch.export could not trace the model ({type(e).__name__}: {first[:200]}). "
-                f"Make forward traceable (no Python branches on tensor values), or use "
-                f"backend='pyro'."
+                f"torch.export could not trace the model{at} ({type(e).__name__}: "
+                f"{first[:200]}). Make forward traceable (no Python branches on tensor "
+                f"values), or use backend='pyro'."
             ) from e
         _detach_no_grad_regions(ep)
         ep = ep.run_decompositions(_decomposition_table())
