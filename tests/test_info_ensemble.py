@@ -262,7 +262,10 @@ def test_channel_product_channel(mu, s):
         bootstrap=40,
         progress=False,
     )
-    assert res.n == 4000  # two independent draws per pair (w for the circuit, w' for A')
+    # site "0" is upstream of every lifted weight, so A' = A(x) for every member and one
+    # draw per pair suffices (with a weight-dependent A', each pair needs two draws)
+    assert res.n == 8000
+    assert res.settings["sides"]["A'"]["values"] == 8000  # a function of the probe
     assert res.settings["resample"] == ["draws", "probes"]
     assert abs(res.value - exact) <= max(4 * res.stderr, 0.03), (res.value, exact, res.stderr)
 
@@ -313,6 +316,10 @@ def test_common_cause_observational_vs_channel():
     assert abs(obs.value - exact) <= max(4 * obs.stderr, 0.03), (obs.value, exact, obs.stderr)
     ch = info.mutual_information(ref, target="channel", **kw)
     assert abs(ch.value) <= max(4 * ch.stderr, 0.03), (ch.value, ch.stderr)
+    assert any("no path from a to b" in n for n in ch.notes)
+    # site_b runs after site_a: swapped, a does not feed b, which is an error naming both
+    with pytest.raises(ValueError, match="a='site_b' to feed site b='site_a'.*Swap them"):
+        info.mutual_information(ref, target="channel", **{**kw, "a": "site_b", "b": "site_a"})
     assert obs.value - ch.value > 0.2
 
 
@@ -350,6 +357,14 @@ def test_input_bound_violation_is_flagged(monkeypatch):
     with pytest.warns(info.InfoWarning, match="exceeds the bound log m"):
         res = info.mutual_information(ref, probes=_probes(2, 2, 1), b="", target="input")
     assert any("exceeds the bound" in n for n in res.notes)
+    # never an impossible number: the value is the bound, labelled as one
+    assert res.bound and res.value == pytest.approx(math.log(2))
+    assert res.upper_bound == pytest.approx(math.log(2))
+    assert res.details["raw_value"] == pytest.approx(math.log(2) + 0.3)
+    with pytest.raises(ValueError, match="exceeds the bound log m.*on_bound='raise'"):
+        info.mutual_information(
+            ref, probes=_probes(2, 2, 1), b="", target="input", on_bound="raise"
+        )
 
 
 # ------------------------------------------------------------------------- bootstrap SE

@@ -231,17 +231,26 @@ def _labelled_mi(labels, y, estimator, seed, opts) -> tuple[float, str, dict]:
     sd = y.std(0)
     y = (y - y.mean(0)) / np.where(sd > 0, sd, 1.0)
     if estimator in ("auto", "ross"):
-        # Ross (2014) discrete × continuous k-NN: the array estimator's "mixed" counts
+        # Ross (2014) discrete × continuous k-NN: the array estimator's "mixed" counts. The
+        # preconditions (more than k pairs per value) are checked before any sampling
+        # (_check_labelled); a half-sample that still holds a value seen once drops it,
+        # and values seen ≤ k times use k_i = N_ℓ − 1 (Ross's own rule), so this never
+        # fails after the draws have been spent.
         from .estimators import _mixed_value
 
         k = int(opts.get("k", 3))
         _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        if counts.min() <= k:
-            raise ValueError(
-                f"the k-NN (Ross) estimator needs more than k={k} points per label; the "
-                f"smallest label has {counts.min()}. Use more pairs/draws or a smaller k."
-            )
-        return _mixed_value(codes.reshape(-1), y, k, {"backend": "auto"}), "ross", {"k": k}
+        codes = codes.reshape(-1)
+        dropped = 0
+        if counts.min() < 2:
+            keep = counts[codes] >= 2
+            dropped = int((~keep).sum())
+            _, codes = np.unique(codes[keep], return_inverse=True)
+            codes, y = codes.reshape(-1), y[keep]
+        st = {"k": k}
+        if dropped:
+            st["dropped_singletons"] = dropped
+        return _mixed_value(codes, y, k, {"backend": "auto"}), "ross", st
     from .estimators import gaussian_mixture_mi
 
     classes, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
@@ -352,6 +361,568 @@ def _atoms(x, x_is_label) -> int | None:
     return n if n < 0.5 * len(x) else None
 
 
+# ------------------------------------------------------------------- MI: structure first
+_PROJECT_PER_DIM = 50  # fewer pairs per coordinate than this: project high-dimensional sides
+
+
+class _Side:
+    """One side of the MI pairs.
+
+    ``labels`` (an integer per probe) when the side is a function of the probe alone
+    (the probe identity for ``"input"``, or a site that no lifted weight acts before):
+    it then takes ``K`` distinct values and ``I ≤ log K``. ``None`` when it varies with
+    the weights (a continuous random variable across the class).
+    """
+
+    def __init__(self, name: str, what: str, labels=None, dim: int = 0, table=None):
+        self.name = name
+        self.what = what
+        self.labels = labels
+        self.dim = dim
+        self.table = table  # activations at every probe (patching values), when labelled
+
+    @property
+    def K(self) -> int | None:
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+    def min_probes_per_value(self) -> int:
+        return int(np.bincount(self.labels).min())
+
+
+def _weight_dependent(acts: torch.Tensor, nd: int) -> bool:
+    """Whether activations ``[nd·q, ...]`` (nd draws × q probes) differ between draws.
+
+    Activations that no lifted weight affects are computed by exactly the same
+    operations for every draw, so they agree bit for bit.
+    """
+    v = acts.reshape(nd, -1)
+    return bool((v != v[:1]).any())
+
+
+def _fire_order(post, sites: list[str], x: torch.Tensor) -> list[str]:
+    """Order in which the sites' modules finish in one forward pass at ``w*``."""
+    modules = dict(post.lifted.net.named_modules())
+    order: list[str] = []
+    handles = [
+        modules[st].register_forward_hook(lambda mod, inp, out, st=st: order.append(st))
+        for st in sites
+    ]
+    try:
+        with torch.no_grad():
+            post.lifted.call(post.lifted.unflatten(post.center), x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _check_channel_order(plan, rng) -> str | None:
+    """``target="channel"`` needs ``a`` to feed ``b``; raises if ``a`` is not upstream.
+
+    Returns a note when ``b`` does not change under an intervention on ``a`` (no path
+    from ``a`` to ``b``: the channel MI is 0 in law).
+    """
+    a, b = plan.a, plan.b
+    post = plan.fw.post
+    order = _fire_order(post, [a, b], plan.fw.p[:1])
+    for st, role in ((a, "a"), (b, "b")):
+        if st not in order:
+            raise ValueError(
+                f"target='channel': site {role}={st!r} did not run in a forward pass on the "
+                f"probes, so no activation there can be patched or read"
+            )
+    if order.index(a) > order.index(b):
+        raise ValueError(
+            f"target='channel' needs site a={a!r} to feed site b={b!r}, but {b!r} finishes "
+            f"before {a!r} in the forward pass (or {a!r} contains {b!r}), so an intervention on "
+            f"a cannot change b. Swap them (a={b!r}, b={a!r}), or use target='observational' "
+            f"for the dependence between two sites in either order."
+        )
+    q = min(plan.m, 16)
+    j = rng.choice(plan.m, q, replace=False)
+    s = np.zeros(q, dtype=np.int64)
+    acts = plan.fw(s, j, [a, b])
+    va, vb = acts[a], acts[b]
+    gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
+    noise = torch.randn(va.shape, generator=gen, dtype=torch.float64).to(va)
+    scale = float(va.detach().abs().mean()) + 1e-3 if va.is_floating_point() else 1.0
+    patched = (va + 0.5 * scale * noise) if va.is_floating_point() else va
+    vb2 = plan.fw(s, j, [b], replace_site=a, replace_vals=patched)[b]
+    if torch.equal(vb, vb2):
+        return (
+            f"site b={b!r} did not change when site a={a!r} was intervened on (patched with "
+            f"perturbed activations): no path from a to b, so the channel MI is 0 in law and "
+            f"the estimate measures only estimator noise. Use target='observational' for "
+            f"dependence through shared weights."
+        )
+    return None
+
+
+def _inspect(plan, rng) -> tuple[_Side, _Side, list[str]]:
+    """Classify both sides before any pairing or bootstrap (a few small forward passes)."""
+    notes: list[str] = []
+    t = plan.target
+    S, m = plan.S, plan.m
+    q, nd = min(m, 32), min(S, 4)
+    jj = rng.choice(m, q, replace=False)
+    dd = rng.choice(S, nd, replace=False)
+    s, j = np.repeat(dd, q), np.tile(jj, nd)
+    all_j = np.arange(m)
+    all_s = np.full(m, dd[0])
+
+    def labelled(site):
+        tab = plan.fw(all_s, all_j, [site])[site]
+        _, lab = _distinct_rows(_flat64(tab))
+        return lab, tab
+
+    if t == "channel":
+        note = _check_channel_order(plan, rng)
+        if note:
+            notes.append(note)
+    if t == "input":
+        xs = _Side("X", "the probe identity", labels=np.arange(m), dim=1)
+    else:
+        va = plan.fw(s, j, [plan.a])[plan.a]
+        a_dep = _weight_dependent(va, nd)
+        da = int(va[0].numel())
+        if t == "channel" and plan.source == "center":
+            post = plan.fw.post
+            with torch.no_grad():
+                _, acts = post.lifted.call(post.lifted.unflatten(post.center), plan.fw.p, [plan.a])
+            tab = acts[plan.a]
+            _, lab = _distinct_rows(_flat64(tab))
+            xs = _Side("A'", f"A' = A(x; w*) at site a={plan.a!r}", lab, da, tab)
+        elif a_dep:
+            xs = _Side("A" if t == "observational" else "A'", f"site a={plan.a!r}", None, da)
+        else:
+            lab, tab = labelled(plan.a)
+            xs = _Side(
+                "A" if t == "observational" else "A'",
+                f"site a={plan.a!r} (no lifted weight acts before it)",
+                lab,
+                da,
+                tab,
+            )
+    if t == "channel":
+        # B = C_W(A'): does it vary with W for a fixed A'? Patch with one draw's values.
+        base = plan.fw(dd[:1].repeat(q), jj, [plan.a])[plan.a]
+        vb = plan.fw(
+            s,
+            j,
+            [plan.b],
+            replace_site=plan.a,
+            replace_vals=base.repeat(nd, *[1] * (base.dim() - 1)),
+        )[plan.b]
+        b_dep = _weight_dependent(vb, nd) or xs.labels is None
+    else:
+        vb = plan.fw(s, j, [plan.b])[plan.b]
+        b_dep = _weight_dependent(vb, nd)
+    db = int(vb[0].numel())
+    if b_dep:
+        ys = _Side("B", f"site b={plan.b!r}", None, db)
+    else:
+        if t == "channel":
+            tab_b = plan.fw(all_s, all_j, [plan.b], replace_site=plan.a, replace_vals=xs.table)[
+                plan.b
+            ]
+            _, lab_b = _distinct_rows(_flat64(tab_b))
+        else:
+            lab_b, _ = labelled(plan.b)
+        ys = _Side("B", f"site b={plan.b!r} (no lifted weight acts on it)", lab_b, db)
+    return xs, ys, notes
+
+
+def _guaranteed_count(n: int, pool: int, mp: int) -> int:
+    """Pairs per value guaranteed by the balanced probe assignment (0: not guaranteed).
+
+    With fewer probes than pairs every probe of the pool is used ``⌊n/pool⌋`` or more
+    times; a value held by ``mp`` probes of the pool gets at least ``mp·⌊n/pool⌋``.
+    Without replacement (``pool ≥ n``) nothing is guaranteed.
+    """
+    return mp * (n // pool) if pool < n else 0
+
+
+def _choose(xs: _Side, ys: _Side, *, n: int, bootstrap: int, axes, m: int, estimator, opts):
+    """The estimator for these sides, with every precondition checked (before sampling)."""
+    half = n // 2
+    boot_pool = m // 2 if "probes" in axes else m
+    disc = []
+    for side in (xs, ys):
+        K = side.K
+        if K is None:
+            disc.append(False)
+            continue
+        if K <= n // 2:
+            disc.append(True)
+            continue
+        if m >= n and K >= n:  # a sample of a continuous input law; almost no ties
+            disc.append(False)
+            continue
+        k = int(opts.get("k", 3))
+        need_pairs = 2 * (k + 1) * K * (2 if bootstrap else 1)
+        raise ValueError(
+            f"{side.name} ({side.what}) is a function of the probe and takes K = {K} distinct "
+            f"values over the {m} probes, but the {n} pairs see each value only "
+            f"~{n / K:.1f} times: continuous estimators would read the exact ties as "
+            f"information (impossible values above log K = {math.log(K):.3g}), and the "
+            f"discrete estimators need more than k = {k} pairs per value"
+            f"{' in each half-sample of the bootstrap' if bootstrap else ''}. Fix: more "
+            f"draws (pairs ≥ {need_pairs}), fewer probes (at most {max(n // (2 * (k + 1) * (2 if bootstrap else 1)), 1)}), "
+            f"at least {n} probes from a continuous input law, or a smaller k."
+        )
+    dx, dy = disc
+    if dx and dy:
+        if estimator not in ("auto", "plugin"):
+            raise ValueError(
+                f"estimator={estimator!r}: both sides take finitely many values here "
+                f"({xs.name}: {xs.K}, {ys.name}: {ys.K}), so only the plug-in estimator applies "
+                f"(estimator='auto' or 'plugin')"
+            )
+        mm = bool(opts.get("miller_madow", True))
+        return {
+            "kind": "plugin",
+            "name": "plugin",
+            "opts": {"miller_madow": mm},
+            "why": f"both sides are functions of the probe ({xs.K} and {ys.K} values): plug-in "
+            + ("with the Miller-Madow correction" if mm else "without bias correction"),
+        }
+    if dx or dy:
+        lab, cont = (xs, ys) if dx else (ys, xs)
+        if estimator not in _LABELLED_ESTIMATORS:
+            raise ValueError(
+                f"estimator={estimator!r}: {lab.name} ({lab.what}) takes only finitely many values "
+                f"(K = {lab.K}) over the probes, so continuous estimators (KSG, Gaussian) would see exact ties. "
+                f"Use {list(_LABELLED_ESTIMATORS)}: 'ross' (k-NN for discrete × continuous) or "
+                f"'gaussian_mixture' (Gaussian fit of the other side per value, exact mixture MI)."
+            )
+        name = "ross" if estimator == "auto" else estimator
+        mp = lab.min_probes_per_value() if "probes" not in axes else 1
+        full = _guaranteed_count(n, m, lab.min_probes_per_value())
+        at_half = _guaranteed_count(half, boot_pool, mp) if bootstrap else full
+        if name == "ross":
+            k = opts.get("k", 3)
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+                raise ValueError(f"k must be a positive integer (Ross k-NN order); got {k!r}")
+            need, what = int(k) + 1, f"k = {k}"
+        else:
+            need, what = cont.dim + 2, f"a {cont.dim}-dimensional covariance"
+        expected = n * lab.min_probes_per_value() / m
+        got = at_half if (full or m < n) else (expected / 2 if bootstrap else expected)
+        if got < need:
+            size = f"{half} pairs of each bootstrap half-sample" if bootstrap else f"{n} pairs"
+            if m < n:
+                need_n = (
+                    2 * boot_pool * -(-need // mp)
+                    if bootstrap
+                    else m * -(-need // lab.min_probes_per_value())
+                )
+            else:
+                need_n = int(
+                    math.ceil(need * m / lab.min_probes_per_value() * (2 if bootstrap else 1))
+                )
+            raise ValueError(
+                f"estimator={name!r} needs at least {need} pairs per value of {lab.name} "
+                f"({what}); {lab.name} ({lab.what}) takes K = {lab.K} values over {m} probes, "
+                f"and the {size} guarantee only {got:g} for the rarest value. Fix (checked "
+                f"before any sampling): more draws so that pairs ≥ {need_n}"
+                + (f", k={max(int(got) - 1, 1)}" if name == "ross" and got >= 2 else "")
+                + ", fewer probes"
+                + (", or bootstrap=0 (no error bar)" if bootstrap else "")
+                + "."
+            )
+        return {
+            "kind": "labelled",
+            "name": name,
+            "opts": dict(opts),
+            "discrete_side": "x" if dx else "y",
+            "why": f"{lab.name} is a function of the probe with K = {lab.K} values and "
+            f"{cont.name} varies with the weights: "
+            + (
+                "the discrete-continuous k-NN estimator of Ross (2014)"
+                if name == "ross"
+                else "a Gaussian fit per value and the exact mixture MI"
+            ),
+        }
+    d = xs.dim + ys.dim
+    name, why = estimator, "as requested"
+    if estimator == "auto":
+        if d > 100 or n < _PROJECT_PER_DIM * d:
+            name = "pca_copula_ksg"
+            why = (
+                f"dx + dy = {d} with N = {n} pairs (fewer than {_PROJECT_PER_DIM} per "
+                f"coordinate): each side with more than "
+                f"{opts.get('components', 4)} coordinates is projected onto its leading "
+                f"principal components, then copula-KSG (a lower bound by data processing)"
+                if d > 8
+                else f"dx + dy = {d} with only N = {n} pairs: copula-KSG"
+            )
+            if d <= 8:
+                name = "copula_ksg"
+        else:
+            name, why = "auto", "continuous pairs: the array estimator's automatic choice"
+    if name in _LABELLED_ESTIMATORS[1:]:
+        raise ValueError(
+            f"estimator={estimator!r} is for a side that takes finitely many values; here both "
+            f"sides vary with the weights (continuous). Use 'auto' or a continuous estimator."
+        )
+    if half <= d + 1 and name in ("gaussian", "copula", "copula_ksg"):
+        raise ValueError(
+            f"estimator={name!r} needs more pairs than dimensions (dx + dy = {d}) in each "
+            f"bootstrap half-sample; got {half}. Use more draws or estimator='pca_copula_ksg'."
+        )
+    return {"kind": "continuous", "name": name, "opts": dict(opts), "why": why}
+
+
+def _mi_samples(plan, xs: _Side, ys: _Side, s, j, s2):
+    """(x, y) for the pairs: probe labels for labelled sides, float arrays otherwise."""
+    t = plan.target
+    if t == "input":
+        y = plan.fw(s, j, [plan.b])[plan.b]
+        return j.copy(), _flat64(y)
+    if t == "observational":
+        need = [st for st, side in ((plan.a, xs), (plan.b, ys)) if side.labels is None]
+        acts = plan.fw(s, j, need) if need else {}
+        x = xs.labels[j] if xs.labels is not None else _flat64(acts[plan.a])
+        y = ys.labels[j] if ys.labels is not None else _flat64(acts[plan.b])
+        return x, y
+    # channel: A' independent of the weights that run a → b
+    if xs.table is not None:
+        a_prime = xs.table[torch.as_tensor(j, dtype=torch.long)]
+    else:
+        a_prime = plan.fw(s2, j, [plan.a])[plan.a]
+    x = xs.labels[j] if xs.labels is not None else _flat64(a_prime)
+    if ys.labels is not None:
+        return x, ys.labels[j]
+    y = plan.fw(s, j, [plan.b], replace_site=plan.a, replace_vals=a_prime)[plan.b]
+    return x, _flat64(y)
+
+
+def _mi_estimate(choice, x, y, seed, stderr="auto"):
+    """(raw value, resolved name, estimator settings, array notes, array stderr)."""
+    import warnings
+
+    from ._common import InfoWarning
+
+    with warnings.catch_warnings():
+        # bounds and failures are judged once, on the full sample, by the caller
+        warnings.simplefilter("ignore", InfoWarning)
+        if choice["kind"] == "plugin":
+            res = _array_mi(
+                np.asarray(x, dtype=np.int64),
+                np.asarray(y, dtype=np.int64),
+                "plugin",
+                seed,
+                choice["opts"],
+                stderr,
+            )
+        elif choice["kind"] == "labelled":
+            lab, cont = (x, y) if choice["discrete_side"] == "x" else (y, x)
+            val, name, st = _labelled_mi(lab, cont, choice["name"], seed, choice["opts"])
+            return float(val), name, st, [], float("nan")
+        else:
+            res = _array_mi(x, y, choice["name"], seed, choice["opts"], stderr)
+    raw = float(res.details.get("raw_value", res.value))
+    return raw, res.estimator, dict(res.settings), list(res.notes), float(res.stderr)
+
+
+def _check_pairs(pool, pairs, per_pair: int) -> int:
+    max_pairs = pool.size // per_pair
+    if pairs is None:
+        pairs = max_pairs
+    if pairs > max_pairs:
+        raise ValueError(
+            f"pairs={pairs} would reuse weight draws: {pool.size} draws give at most {max_pairs} "
+            f"iid (x, w) pairs{' (each channel pair needs two draws)' if per_pair == 2 else ''}. "
+            f"Pairs that share a draw are dependent and k-NN estimators read that dependence as "
+            f"information. Sample more draws or lower pairs."
+        )
+    if pairs < 20:
+        raise ValueError(f"pairs={pairs} is too few for an information estimate (need ≥ 20)")
+    return pairs
+
+
+def _run_mi(
+    ref, plan, *, rng, pool, pairs, resample, estimator, bootstrap, seed, progress, opts, on_bound
+):
+    """Mutual information: classify the sides, choose and check the estimator, then sample."""
+    from tqdm.auto import tqdm
+
+    from .._errors import warn
+    from ._common import InfoWarning
+
+    target = plan.target
+    if on_bound not in ("label", "raise"):
+        raise ValueError(
+            f"on_bound must be 'label' (return the bound, labelled, with a warning) or 'raise'; "
+            f"got {on_bound!r}"
+        )
+    axes = _resolve_resample(resample, target, plan.m)
+    if target == "input" and estimator in ("auto", "ross"):
+        # the probe identity is the discrete side: check k against the pairs per probe
+        # before any forward pass (b is assumed to vary with the weights, as it must for
+        # I(X;B) to be more than a partition entropy)
+        n0 = _check_pairs(pool, pairs, 1)
+        xs0 = _Side("X", "the probe identity", labels=np.arange(plan.m), dim=1)
+        _choose(
+            xs0,
+            _Side("B", "", None, 1),
+            n=n0,
+            bootstrap=bootstrap,
+            axes=axes,
+            m=plan.m,
+            estimator=estimator,
+            opts=opts,
+        )
+    xs, ys, notes = _inspect(plan, rng)
+    two = target == "channel" and plan.source == "mixture" and xs.table is None
+    pairs = _check_pairs(pool, pairs, 2 if two else 1)
+    choice = _choose(
+        xs, ys, n=pairs, bootstrap=bootstrap, axes=axes, m=plan.m, estimator=estimator, opts=opts
+    )
+    notes.insert(0, f"estimator {choice['name']!r}: {choice['why']}")
+    if target == "channel" and xs.labels is not None and plan.source == "mixture":
+        notes.append(
+            "no lifted weight acts before site a, so A' = A(x) for every member: the channel "
+            "and observational targets are the same quantity here (one draw per pair)"
+        )
+    probe_pool = np.arange(plan.m)
+    s, j, s2 = _pairs(pool, probe_pool, pairs, rng, two)
+    x, y = _mi_samples(plan, xs, ys, s, j, s2)
+    raw, name, est_settings, arr_notes, arr_se = _mi_estimate(choice, x, y, seed)
+    notes.extend(arr_notes)
+    fixed = dict(choice)
+    if choice["kind"] == "continuous":
+        fixed["name"] = name  # replicates use the estimator resolved on the full set
+    reps = []
+    if bootstrap:
+        half = pairs // 2
+        for _ in tqdm(
+            range(bootstrap),
+            desc=f"bootstrap mi [{target}]",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        ):
+            dpool = rng.choice(pool, pool.size // 2, replace=False)
+            ppool = (
+                rng.choice(probe_pool, plan.m // 2, replace=False)
+                if "probes" in axes
+                else probe_pool
+            )
+            sb, jb, s2b = _pairs(dpool, ppool, half, rng, two)
+            xb, yb = _mi_samples(plan, xs, ys, sb, jb, s2b)
+            v, _, _, _, _ = _mi_estimate(fixed, xb, yb, int(rng.integers(2**31)), stderr=None)
+            reps.append(v)
+    reps = np.asarray(reps)
+    stderr = float(reps.std(ddof=1)) if reps.size > 1 else float("nan")
+    if not np.isfinite(stderr) and np.isfinite(arr_se):
+        stderr = arr_se
+    # ---- what the data can resolve: log K for a side with K values, log N for N pairs
+    ceilings: list[tuple[float, str, float]] = []
+    label_bound = None
+    for side in (xs, ys):
+        if side.labels is not None:
+            K = side.K
+            what = "m" if target == "input" and side is xs else "K"
+            b_ = math.log(K)
+            if label_bound is None or b_ < label_bound:
+                label_bound = b_
+            ceilings.append(
+                (
+                    b_,
+                    f"the bound log {what} = {b_:.4g} ({what} = {K} distinct values of "
+                    f"{side.name}, {side.what})",
+                    max(2 * stderr if np.isfinite(stderr) else 0.0, 1e-3, (K - 1) / pairs),
+                )
+            )
+    ceilings.append(
+        (
+            math.log(pairs),
+            f"log N = {math.log(pairs):.4g}, what N = {pairs} pairs can resolve",
+            max(2 * stderr if np.isfinite(stderr) else 0.0, 1e-3),
+        )
+    )
+    ceiling, why, tol = min(ceilings, key=lambda c: c[0])
+    value, at_bound = raw, False
+    if np.isfinite(raw) and raw > ceiling:
+        value, at_bound = ceiling, True
+        failed = raw - ceiling > tol
+        msg = (
+            f"the estimate {raw:.4g} nats exceeds {why}"
+            + (
+                " by more than its error: the estimator is biased here (too few pairs for "
+                "the dimension, or k too small). "
+                if failed
+                else " within the estimator's finite-sample offset. "
+            )
+            + f"The value reported is the bound {ceiling:.4g} (result.bound = True): "
+            "read it as 'at the resolution limit', not as an estimate."
+        )
+        notes.append(msg)
+        if failed:
+            if on_bound == "raise":
+                raise ValueError(msg + " (on_bound='raise')")
+            warn(msg, InfoWarning)
+    if label_bound is not None and value > label_bound - max(tol, 0.02):
+        notes.append(
+            f"at the bound log m = {label_bound:.4g}: the values are (almost) perfectly "
+            f"distinguishable across the class; a larger value cannot be resolved."
+        )
+    if value > math.log(pairs) - 1.0:
+        notes.append(
+            f"estimate {value:.3g} nats is near log N = {math.log(pairs):.3g} (N = {pairs} "
+            f"pairs): sample-based estimators cannot resolve more than ~log N; use more "
+            f"draws or report a lower bound."
+        )
+    if bootstrap and reps.size:
+        notes.append(
+            "stderr: two-way half-sampling bootstrap (delete-d jackknife, d = n/2) over "
+            f"{'weight draws and probes' if 'probes' in axes else 'weight draws'}; sampling "
+            "error only, not the estimator's bias."
+        )
+    settings: dict[str, Any] = {
+        "target": target,
+        "quantity": "mutual_information",
+        "a": plan.a,
+        "b": plan.b,
+        "source": plan.source if target == "channel" else None,
+        "estimator": name,
+        "estimator_reason": choice["why"],
+        "estimator_settings": est_settings,
+        "estimator_opts": dict(opts),
+        "sides": {
+            side.name: {"what": side.what, "values": side.K, "dim": side.dim} for side in (xs, ys)
+        },
+        "num_draws_available": plan.S,
+        "num_draws_used": int(pool.size),
+        "num_probes": plan.m,
+        "pairs": int(pairs),
+        "atoms": xs.K,
+        "bound": label_bound,
+        "upper_bound": ceiling,
+        "raw_value": raw,
+        "bootstrap": int(bootstrap),
+        "resample": list(axes),
+        "bootstrap_mean": float(reps.mean()) if reps.size else None,
+        "seed": seed,
+        **_precision_settings(ref),
+    }
+    if np.isfinite(arr_se):
+        settings["estimator_stderr"] = arr_se
+    InfoResult = _result_cls()
+    return InfoResult(
+        value=float(value),
+        stderr=stderr,
+        estimator=name,
+        settings=settings,
+        n=int(pairs),
+        notes=tuple(notes),
+        details={"raw_value": raw},
+        upper_bound=float(ceiling),
+        bound=at_bound,
+    )
+
+
 def _run(
     ref,
     kind,
@@ -369,6 +940,7 @@ def _run(
     seed,
     progress,
     opts,
+    on_bound="label",
 ):
     from tqdm.auto import tqdm
 
@@ -398,19 +970,22 @@ def _run(
             f"({ref.chains} chains × {ref.num_draws})"
         )
     pool = np.arange(S_all) if draws is None else np.sort(rng.choice(S_all, draws, replace=False))
-    per_pair = 2 if plan.two_draws() else 1
-    max_pairs = pool.size // per_pair
-    if pairs is None:
-        pairs = max_pairs
-    if pairs > max_pairs:
-        raise ValueError(
-            f"pairs={pairs} would reuse weight draws: {pool.size} draws give at most {max_pairs} "
-            f"iid (x, w) pairs{' (each channel pair needs two draws)' if per_pair == 2 else ''}. "
-            f"Pairs that share a draw are dependent and k-NN estimators read that dependence as "
-            f"information. Sample more draws or lower pairs."
+    if kind == "mi":
+        return _run_mi(
+            ref,
+            plan,
+            rng=rng,
+            pool=pool,
+            pairs=pairs,
+            resample=resample,
+            estimator=estimator,
+            bootstrap=bootstrap,
+            seed=seed,
+            progress=progress,
+            opts=opts,
+            on_bound=on_bound,
         )
-    if pairs < 20:
-        raise ValueError(f"pairs={pairs} is too few for an information estimate (need ≥ 20)")
+    pairs = _check_pairs(pool, pairs, 2 if plan.two_draws() else 1)
     axes = _resolve_resample(resample, target, plan.m)
     probe_pool = np.arange(plan.m)
     s, j, s2 = _pairs(pool, probe_pool, pairs, rng, plan.two_draws())
@@ -532,6 +1107,7 @@ def mutual_information(
     source: str = "mixture",
     seed: int = 0,
     progress: bool = True,
+    on_bound: str = "label",
     **estimator_opts,
 ):
     """Mutual information between two sites across a reference class (docs/theory.md §3.4.5).
@@ -608,6 +1184,7 @@ def mutual_information(
         seed=seed,
         progress=progress,
         opts=estimator_opts,
+        on_bound=on_bound,
     )
 
 
