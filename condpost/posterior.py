@@ -251,12 +251,21 @@ class LocalPosterior:
         Sample sites ``"net.<param>"`` (local prior), the tempered likelihood site
         ``"y"`` inside ``plate("data")``, and one factor ``"constraint/<name>"`` per
         constraint. Its log joint equals ``log_density`` at the same weights.
+
+        Lifted weights with leading batch dims (``Predictive(parallel=True)``, vectorized
+        ELBO particles) are evaluated per batch element. Then a likelihood other than
+        ``Categorical`` is emitted as the factor site ``"y"`` (the same tempered
+        log-likelihood, but not a sample site to draw predictions from).
         """
+        import pyro
+
         f = lift("net", self.lifted, localization=self.localization)
         out = f(self.x)
+        batch = self.lifted.batch_shape(f.params)
+        if batch:
+            self._model_batched(f, out, batch)
+            return
         with temper(self.nbeta, self.n):
-            import pyro
-
             with pyro.plate("data", self.n):
                 self.likelihood.observe("y", out, self.y)
         if self._bound:
@@ -269,6 +278,33 @@ class LocalPosterior:
                         preserve(b.name, log_factor=-b.rho * b.defect(v))
                 else:
                     preserve(b.name, log_factor=-b.penalty(v))
+
+    def _model_batched(self, f, out: torch.Tensor, batch: tuple[int, ...]) -> None:
+        """``model`` for lifted weights with batch dims ``batch``: per-element densities."""
+        import pyro
+
+        from ._batching import batched
+        from .likelihoods import Categorical
+        from .primitives import _align_to_plate
+
+        with temper(self.nbeta, self.n):
+            with pyro.plate("data", self.n):
+                if isinstance(self.likelihood, Categorical):
+                    self.likelihood.observe("y", out, self.y)
+                else:
+                    flat_out = out.reshape((-1,) + tuple(out.shape[len(batch) :]))
+                    nll = torch.stack([self.likelihood.nll(o, self.y) for o in flat_out])
+                    pyro.factor("y", -nll.reshape(batch + (self.n,)))
+        if not self._bound:
+            return
+        W = f.flat().reshape(-1, self.d)
+        for b in self._bound:
+
+            def pen(w, b=b):
+                return b.penalty(self.view(w))
+
+            lf = -batched(pen, f"constraint {b.name!r} (batched model)")(W)
+            preserve(b.name, log_factor=_align_to_plate(lf.reshape(batch)))
 
     def flat_to_sites(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Map a flat ``w`` to the model form's site values ``{"net.<param>": tensor}``."""

@@ -259,6 +259,102 @@ class ReferenceClass:
         return cls.from_result(post, SampleResult(draws=W, stats=stats, settings=settings))
 
     @classmethod
+    def from_pyro(cls, mcmc, post: LocalPosterior, *, name: str | None = None) -> ReferenceClass:
+        """Build from a ``pyro.infer.MCMC`` run of a model written with ``cp.lift``.
+
+        The draws are read with ``mcmc.get_samples(group_by_chain=True)``: the sites
+        ``"<name>.<param>"`` made by ``cp.lift(name, net, ...)`` must be exactly the
+        parameters ``post`` lifts (``name`` is found from the site names when not given).
+        ``L_n``, each constraint's defect and the virial term are evaluated in torch, as
+        for any other sampler, and divergent transitions (from ``mcmc.diagnostics()``)
+        are flagged. When the kernel's potential is available, it is compared with
+        ``post.potential`` at two draws: if the two differ by more than a constant, the
+        MCMC ran another posterior and ``ValueError`` says so.
+
+        Parameters
+        ----------
+        mcmc : pyro.infer.MCMC
+            A finished run (``mcmc.run()`` called).
+        post : LocalPosterior
+            The declaration the model implements (same network, data, likelihood, nβ, γ,
+            lifted weights and constraints).
+        name : str, optional
+            The ``name`` given to ``cp.lift`` (default: inferred, e.g. ``"net"``).
+        """
+        try:
+            samples = mcmc.get_samples(group_by_chain=True)
+        except AttributeError:
+            raise TypeError(
+                f"from_pyro needs a pyro.infer.MCMC run; got {type(mcmc).__name__}"
+            ) from None
+        if not samples:
+            raise ValueError("from_pyro: the MCMC run has no samples; call mcmc.run() first")
+        lifted = list(post.lifted.names)
+        keys = list(samples)
+        if name is None:
+            prefixes = {k[: -len(p) - 1] for k in keys for p in lifted if k.endswith("." + p)}
+            prefixes = {pf for pf in prefixes if all(f"{pf}.{p}" in samples for p in lifted)}
+            if len(prefixes) != 1:
+                raise ValueError(
+                    f"from_pyro: cannot tell which sites hold the lifted weights {lifted[:4]}"
+                    f"{'...' if len(lifted) > 4 else ''} among the MCMC sites {keys[:8]}: "
+                    + (
+                        f"several prefixes fit ({sorted(prefixes)}); pass name=..."
+                        if prefixes
+                        else "none has every lifted parameter. The model must call "
+                        "cp.lift(name, net, ...) with the same include/exclude as the "
+                        "declaration (pass name= if it is not found)."
+                    )
+                )
+            name = prefixes.pop()
+        mine = [k for k in keys if k.startswith(name + ".")]
+        missing = [p for p in lifted if f"{name}.{p}" not in samples]
+        extra = [k for k in mine if k[len(name) + 1 :] not in lifted]
+        if missing or extra:
+            raise ValueError(
+                f"from_pyro: the MCMC sites of cp.lift({name!r}, ...) do not match the "
+                f"parameters the declaration lifts: missing {missing[:6]}, not lifted by the "
+                f"declaration {extra[:6]}. Use the same include/exclude in cp.lift and in "
+                f"LocalPosterior."
+            )
+        parts = []
+        C = S = None
+        for p, shp in zip(lifted, post.lifted.shapes, strict=True):
+            v = torch.as_tensor(samples[f"{name}.{p}"])
+            if v.dim() < 2 + len(shp) or tuple(v.shape[v.dim() - len(shp) :]) != tuple(shp):
+                raise ValueError(
+                    f"from_pyro: site {name}.{p} has draws of shape {tuple(v.shape)}; "
+                    f"expected [chains, draws, {', '.join(map(str, shp))}]"
+                )
+            C, S = int(v.shape[0]), int(v.shape[1])
+            parts.append(v.reshape(C, S, -1).to(dtype=post.dtype, device=post.device))
+        W = torch.cat(parts, -1).detach()
+        others = [k for k in keys if k not in mine]
+        _check_pyro_potential(mcmc, post, W, name, samples, others)
+        div = np.zeros((C, S), dtype=bool)
+        try:
+            diag = mcmc.diagnostics().get("divergences", {})
+            for c, idx in enumerate(diag.values()):
+                idx = [int(i) for i in idx if 0 <= int(i) < S]
+                if c < C and idx:
+                    div[c, idx] = True
+        except Exception:  # noqa: BLE001 - divergences are optional information
+            pass
+        kernel = getattr(mcmc, "kernel", None)
+        settings = {
+            "method": f"pyro-mcmc:{type(kernel).__name__.lower()}" if kernel else "pyro-mcmc",
+            "backend": "pyro",
+            "chains": C,
+            "draws": S,
+            "warmup": int(getattr(mcmc, "warmup_steps", 0) or 0),
+            "source": "ReferenceClass.from_pyro",
+            "lift_name": name,
+        }
+        if others:
+            settings["other_sites"] = others
+        return cls.from_draws(post, W, settings=settings, sample_stats={"diverging": div})
+
+    @classmethod
     def from_stats(
         cls,
         post: LocalPosterior,
@@ -774,6 +870,44 @@ class ReferenceClass:
         if posterior is not None:
             ref.attach(posterior)
         return ref
+
+
+def _check_pyro_potential(mcmc, post, W, name, samples, others) -> None:
+    """Compare the MCMC kernel's potential with ``post.potential`` at two draws.
+
+    Skipped when the kernel exposes no ``potential_fn`` (e.g. a multi-process run) or the
+    model has other latent sites. The two may differ by a constant (normalizers); a
+    difference that changes between draws means another posterior.
+    """
+    kernel = getattr(mcmc, "kernel", None)
+    pot = getattr(kernel, "potential_fn", None)
+    if pot is None or others:
+        return
+    C, S, _ = W.shape
+    picks = [(0, 0), (C - 1, S - 1)] if C * S > 1 else [(0, 0)]
+    diffs = []
+    try:
+        for c, s in picks:
+            sites = {
+                f"{name}.{p}": torch.as_tensor(samples[f"{name}.{p}"][c, s])
+                for p in post.lifted.names
+            }
+            with torch.no_grad():
+                u_pyro = float(pot(sites))
+                u_post = float(post.potential(W[c, s]))
+            diffs.append(u_pyro - u_post)
+    except Exception:  # noqa: BLE001 - the check is optional
+        return
+    if len(diffs) == 2 and not np.isclose(
+        diffs[0], diffs[1], rtol=1e-5, atol=1e-6 * (1 + abs(diffs[0]))
+    ):
+        raise ValueError(
+            f"from_pyro: the MCMC model is not this declaration's posterior: its potential "
+            f"minus post.potential is {diffs[0]:.6g} at one draw and {diffs[1]:.6g} at "
+            f"another (a constant offset would be fine). Check that the model uses the same "
+            f"data, likelihood, nβ (cp.temper), γ (localization) and constraints "
+            f"(cp.preserve) as the declaration."
+        )
 
 
 def _safe(fn, a) -> float:
