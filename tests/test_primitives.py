@@ -7,6 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from analytic import linear_net, make_problem
 from pyro import poutine
 
 import condpost as cp
@@ -284,3 +285,219 @@ def test_model_form_nuts_agrees_with_potential_nuts():
     se = np.sqrt(w_model.var(0) / 700 + w_pot.var(0) / 700)  # conservative ESS ≥ 700 each
     assert np.all(np.abs(w_model.mean(0) - w_pot.mean(0)) < 4 * se)
     assert np.allclose(w_model.std(0), w_pot.std(0), rtol=0.15)
+
+
+# ---------------------------------------------------------------- vectorized Pyro inference
+def _hand_model(net, x, y, probes, target, include=None):
+    n = x.shape[0]
+
+    def model():
+        f = cp.lift("net", net, localization=3.0, include=include)
+        with cp.capture(f, ["1"]) as acts:
+            f(probes)
+        logits = f(x)
+        pyro.deterministic("logits", logits)
+        pyro.deterministic("hidden", acts["1"])
+        with cp.temper(nbeta=25.0, n=n), pyro.plate("data", n):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+        pyro.deterministic("log_factor", cp.preserve("h", acts["1"], target, tolerance=0.2))
+
+    return model
+
+
+def test_predictive_parallel_equals_sequential():
+    net = _mlp()
+    x, y = _data()
+    probes = x[:5]
+    with torch.no_grad(), cp.capture(net, ["1"]) as st:
+        net(probes)
+    model = _hand_model(net, x, y, probes, st["1"])
+    g = torch.Generator().manual_seed(3)
+    S = 6
+    samples = {
+        f"net.{k}": p.detach() + 0.2 * torch.randn(S, *p.shape, generator=g, dtype=p.dtype)
+        for k, p in net.named_parameters()
+    }
+    sites = ["logits", "hidden", "log_factor"]
+    seq = pyro.infer.Predictive(model, posterior_samples=samples, return_sites=sites)()
+    par = pyro.infer.Predictive(
+        model, posterior_samples=samples, return_sites=sites, parallel=True
+    )()
+    for k in sites:
+        assert torch.allclose(par[k].reshape(seq[k].shape), seq[k], rtol=1e-12, atol=1e-12), k
+    # and the sequential values are the network at each sampled weight
+    for s in range(S):
+        params = {k[len("net.") :]: v[s] for k, v in samples.items()}
+        logits = torch.func.functional_call(net, params, (x,))
+        assert torch.allclose(seq["logits"][s].reshape(logits.shape), logits, rtol=1e-12)
+
+
+class _Temperature(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.t = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.lin(x) / self.t
+
+
+def test_predictive_parallel_with_a_zero_dim_parameter():
+    """Pyro pads a 0-d site to [S, 1] but a matrix site not at all: both batch as [S]."""
+    torch.manual_seed(0)
+    net = _Temperature().double()
+    x, _ = _data()
+
+    def model():
+        pyro.deterministic("out", cp.lift("net", net, localization=1.0)(x))
+
+    g = torch.Generator().manual_seed(0)
+    samples = {
+        f"net.{k}": p.detach() + 0.1 * torch.randn(4, *p.shape, generator=g, dtype=p.dtype)
+        for k, p in net.named_parameters()
+    }
+    seq = pyro.infer.Predictive(model, posterior_samples=samples, return_sites=["out"])()
+    par = pyro.infer.Predictive(
+        model, posterior_samples=samples, return_sites=["out"], parallel=True
+    )()
+    assert torch.allclose(par["out"].reshape(seq["out"].shape), seq["out"], rtol=1e-12)
+
+
+def test_vectorized_particles_elbo_equals_log_density():
+    """With a point-mass guide every particle is the same: the vectorized ELBO is exact."""
+    from pyro.infer.autoguide import AutoDelta, AutoNormal
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    post = cp.LocalPosterior(
+        net, (x, y), cp.Gaussian(scale=0.5), nbeta=10.0, localization=2.0, check_center=False
+    )
+    post.preserve(cp.Activations("1", x[:5], tolerance=0.2))
+    post.preserve(cp.Activations("2", x[:5], strength=0.5, name="rel"))
+    post.preserve(cp.WeightZeroPattern("2.weight", threshold=0.1, tolerance=0.05))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoDelta(post.model, init_loc_fn=cp.init_to_center())
+    seq = pyro.infer.Trace_ELBO().loss(post.model, guide)
+    vec = pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True).loss(post.model, guide)
+    med = guide.median()
+    w = torch.cat([med[f"net.{k}"].reshape(-1) for k in post.lifted.names])
+    assert math.isclose(seq, -float(post.log_density(w)), rel_tol=1e-10)
+    assert math.isclose(vec, seq, rel_tol=1e-10)
+    # a hand-written model: its preserve factor is one per particle, on the particle plate
+    x4, y4 = _data(n=30)
+    model = _hand_model(_mlp(), x4, y4, x4[:5], torch.zeros(5, 8, dtype=torch.float64))
+    pyro.clear_param_store()
+    delta = AutoDelta(model, init_loc_fn=cp.init_to_center())
+    seq = pyro.infer.Trace_ELBO().loss(model, delta)
+    vec = pyro.infer.Trace_ELBO(num_particles=5, vectorize_particles=True).loss(model, delta)
+    assert math.isclose(vec, seq, rel_tol=1e-10)
+    pyro.clear_param_store()
+    svi = pyro.infer.SVI(
+        model,
+        AutoNormal(model, init_scale=0.05),
+        pyro.optim.Adam({"lr": 0.01}),
+        pyro.infer.Trace_ELBO(num_particles=8, vectorize_particles=True),
+    )
+    losses = [svi.step() for _ in range(20)]
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_preserve_on_unaffected_site_raises_like_declarative():
+    net = _mlp()
+    x, y = _data()
+    probes = x[:5]
+    with torch.no_grad(), cp.capture(net, ["1"]) as st:
+        net(probes)
+    # only the last layer is lifted: the hidden layer "1" does not depend on it
+    model = _hand_model(net, x, y, probes, st["1"], include="2.*")
+    with pytest.raises(ValueError, match="does not depend on any lifted parameter|does not depend"):
+        poutine.trace(model).get_trace()
+    post = cp.LocalPosterior(
+        net, (x, y), cp.Categorical(), localization=3.0, include="2.*", check_center=False
+    )
+    with pytest.raises(ValueError, match="does not depend on any lifted parameter"):
+        post.preserve(cp.Activations("1", probes, tolerance=0.2))
+
+    # a derived constant, while the lifted weights are being differentiated (NUTS, SVI)
+    def model2():
+        f = cp.lift("net", net, localization=3.0, include="2.*")
+        with cp.capture(f, ["1"]) as acts:
+            f(probes)
+        cp.preserve("h2", 2.0 * acts["1"], 2.0 * st["1"], tolerance=0.2)
+
+    sites = {
+        k: v.detach().clone().requires_grad_(True)
+        for k, v in post.flat_to_sites(post.center).items()
+    }
+    with pytest.raises(ValueError, match=r"cp\.preserve\('h2'\).*no gradient path"):
+        poutine.trace(poutine.condition(model2, data=sites)).get_trace()
+    # the site downstream of the lifted weights is accepted
+    model_ok = _hand_model(net, x, y, probes, st["1"], include="0.*")
+    poutine.trace(model_ok).get_trace()
+
+
+def _linear_gaussian_pyro(prob, name="w", nbeta=None):
+    net = linear_net(prob)
+
+    def model():
+        f = cp.lift(name, net, localization=prob.gamma)
+        with cp.temper(nbeta=prob.nbeta if nbeta is None else nbeta, n=prob.n):
+            with pyro.plate("data", prob.n):
+                pyro.sample("y", dist.Normal(f(prob.X), prob.s).to_event(1), obs=prob.Y)
+
+    return net, model
+
+
+def test_from_pyro_matches_closed_form():
+    prob = make_problem(n=100, din=3, k=2, s=0.5, gamma=1.0, seed=0)
+    net, model = _linear_gaussian_pyro(prob)
+    post = cp.LocalPosterior(
+        net, (prob.X, prob.Y), cp.Gaussian(scale=prob.s), nbeta=prob.nbeta, localization=1.0
+    )
+    pyro.set_rng_seed(0)
+    mcmc = pyro.infer.MCMC(
+        pyro.infer.NUTS(model, init_strategy=cp.init_to_center()),
+        num_samples=1500,
+        warmup_steps=300,
+        disable_progbar=True,
+    )
+    mcmc.run()
+    ref = cp.ReferenceClass.from_pyro(mcmc, post)
+    assert ref.flat().shape == (1, 1500, post.d)
+    assert ref.settings["method"] == "pyro-mcmc:nuts" and ref.settings["lift_name"] == "w"
+    assert not ref.diverging.any()
+    mu, Sigma = prob.posterior()
+    W = ref.flat()[0]
+    se = np.sqrt(np.diag(Sigma) / 500)  # NUTS on a Gaussian: ESS ≥ 500 of 1500 draws
+    assert np.all(np.abs(W.mean(0) - mu) < 4 * se), (W.mean(0) - mu) / se
+    assert np.allclose(np.cov(W.T), Sigma, atol=0.2 * np.diag(Sigma).max())
+    lam = ref.llc()
+    assert abs(lam.mean - prob.expected_nbeta_dL()) < 4 * lam.stderr + 0.05
+    # the same draws under the declaration's torch evaluation: L_n per draw is exact
+    assert np.allclose(ref.loss()[0, :5], [prob.nbeta_L(w) / prob.nbeta for w in W[:5]])
+
+    # another posterior (twice the nβ) is refused, as is another lifted set
+    _, other = _linear_gaussian_pyro(prob, nbeta=2 * prob.nbeta)
+    mcmc2 = pyro.infer.MCMC(
+        pyro.infer.NUTS(other, init_strategy=cp.init_to_center()),
+        num_samples=10,
+        warmup_steps=10,
+        disable_progbar=True,
+    )
+    mcmc2.run()
+    with pytest.raises(ValueError, match="not this declaration's posterior"):
+        cp.ReferenceClass.from_pyro(mcmc2, post)
+    post_b = cp.LocalPosterior(
+        torch.nn.Linear(3, 2).double(),
+        (prob.X, prob.Y),
+        cp.Gaussian(scale=prob.s),
+        localization=1.0,
+        check_center=False,
+    )
+    with pytest.raises(ValueError, match="cannot tell which sites"):
+        cp.ReferenceClass.from_pyro(mcmc, post_b)
