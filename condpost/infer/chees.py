@@ -39,10 +39,16 @@ statistics during warmup:
 Divergences (energy error ``ΔH > 1000`` or non-finite, as in Stan and NumPyro) are
 rejected, counted and flagged per draw; no draw is dropped.
 
-Execution: one iteration is a pure function of ``(state, i)``; blocks of
+Execution: the kernel follows condpost's sampler contract (after BlackJAX's
+``SamplingAlgorithm``): ``kernel = make_kernel(fn, params)`` closes over the tuning
+constants, ``kernel.init(position, key) → ChEESState`` and ``kernel.step(key, state,
+batch=None) → (ChEESState, ChEESInfo)``, NamedTuples; the state carries the iteration
+counter ``i`` and every adapted quantity, and the step draws its randomness from ``key``
+alone. :func:`chees_sample` splits the seed's key into an initialisation key and a run
+key and gives iteration ``i`` the key ``fold_in(run_key, i)``; blocks of
 ``block_size`` iterations are one compiled ``lax.scan`` (progress is shown between
 blocks). Warmup and sampling are the same program (adaptation is switched off by
-``i ≥ warmup``), so draw ``s`` depends on ``(seed, chains, warmup, settings)`` only:
+``state.i ≥ warmup``), so draw ``s`` depends on ``(seed, chains, warmup, settings)`` only:
 not on the block size, on ``progress``, on the number of draws after it, or (beyond
 float summation order) on the number of devices used for sharding. With several JAX devices the chain axis is
 sharded over them (``jax.sharding``); across-chain means then become all-reduces.
@@ -75,9 +81,12 @@ __all__ = [
     "chees_sample",
     "ChEESParams",
     "make_params",
-    "make_step",
+    "make_kernel",
+    "iteration_key",
     "chees_init",
+    "ChEESKernel",
     "ChEESState",
+    "ChEESInfo",
     "nested_rhat",
     "default_superchains",
     "halton",
@@ -235,7 +244,8 @@ class ChEESState(NamedTuple):
     ``log_t``/``log_t_bar`` current and averaged log trajectory length; ``da_h``,
     ``da_mu``, ``da_k`` dual-averaging statistic, shrinkage point and count; ``adam_v``,
     ``adam_k`` Adam's second moment and count; ``wf_n``, ``wf_mean``, ``wf_m2``
-    Welford accumulators of the current metric window; ``key`` the base PRNG key.
+    Welford accumulators of the current metric window; ``i`` the number of iterations
+    taken (``int32``): iteration ``i`` adapts while ``i < warmup``.
     """
 
     w: Any
@@ -255,7 +265,44 @@ class ChEESState(NamedTuple):
     wf_n: Any
     wf_mean: Any
     wf_m2: Any
-    key: Any
+    i: Any
+
+
+class ChEESInfo(NamedTuple):
+    """What one iteration reports (a pytree of JAX arrays).
+
+    Per chain ``[C]``: ``potential_energy``, ``accept_prob``, ``diverging``,
+    ``energy_error`` and ``virial`` ``(w − w*)·∇U(w)`` (``None`` when the kernel was built
+    without ``center``); ``w`` ``[C, d]`` and ``aux`` the state after the iteration. Shared
+    by all chains (scalars): ``step_size``, ``num_steps`` (leapfrog steps = gradient
+    evaluations per chain), ``trajectory_length`` and ``harmonic_accept``.
+    """
+
+    w: Any
+    aux: Any
+    potential_energy: Any
+    accept_prob: Any
+    diverging: Any
+    energy_error: Any
+    step_size: Any
+    num_steps: Any
+    trajectory_length: Any
+    harmonic_accept: Any
+    virial: Any
+
+
+class ChEESKernel(NamedTuple):
+    """The sampler contract (after BlackJAX's ``SamplingAlgorithm``), built by
+    :func:`make_kernel`.
+
+    ``init(position [C, d], key, log_eps0=0.0, log_t0=0.0, search_step_size=True,
+    default_trajectory=True) -> ChEESState`` (see :func:`chees_init`) and
+    ``step(key, state, batch=None) -> (ChEESState, ChEESInfo)``, one iteration of all
+    chains.
+    """
+
+    init: Any
+    step: Any
 
 
 def _value_and_grad(fn):
@@ -331,10 +378,10 @@ def chees_init(fn, w0, key, log_eps0, log_t0, search_step_size, default_trajecto
     """Initial ensemble state at ``w0 [C, d]`` (traceable: all arguments may be traced).
 
     ``fn: w [d] → (U(w), aux)`` is the potential. With ``search_step_size`` the initial
-    step size comes from the doubling/halving search started at ``exp(log_eps0)``; with
-    ``default_trajectory`` the trajectory length starts at ``8ε``, else ``exp(log_t0)``.
+    step size comes from the doubling/halving search started at ``exp(log_eps0)`` (its
+    momenta drawn from ``key``); with ``default_trajectory`` the trajectory length starts
+    at ``8ε``, else ``exp(log_t0)``. The iteration counter ``i`` starts at 0.
     """
-    import jax
     import jax.numpy as jnp
     from jax import lax
 
@@ -343,7 +390,6 @@ def chees_init(fn, w0, key, log_eps0, log_t0, search_step_size, default_trajecto
     u, g, aux = _unpack(vg(w0))
     d = w0.shape[1]
     f = lambda v: jnp.asarray(v, dtype)  # noqa: E731
-    key, k_eps = jax.random.split(key)
     zero_d = jnp.zeros((d,), dtype)
     state = ChEESState(
         w=w0,
@@ -363,11 +409,11 @@ def chees_init(fn, w0, key, log_eps0, log_t0, search_step_size, default_trajecto
         wf_n=f(0.0),
         wf_mean=zero_d,
         wf_m2=zero_d,
-        key=key,
+        i=jnp.asarray(0, jnp.int32),
     )
     log_eps = lax.cond(
         search_step_size,
-        lambda: _step_size_search(vg, state, k_eps),
+        lambda: _step_size_search(vg, state, key),
         lambda: state.log_eps,
     )
     log_t = jnp.where(default_trajectory, log_eps + math.log(8.0), f(log_t0))
@@ -380,28 +426,47 @@ def chees_init(fn, w0, key, log_eps0, log_t0, search_step_size, default_trajecto
     )
 
 
-def make_step(fn):
-    """``step(state, i, params) → (state, info)``: one ChEES-HMC iteration of the ensemble.
+def make_kernel(fn, params: ChEESParams, center=None) -> ChEESKernel:
+    """ChEES-HMC as a :class:`ChEESKernel`: ``init`` and ``step(key, state, batch=None)``.
 
-    Adaptation happens for ``i < params.warmup``; afterwards ``ε = exp(log_eps_bar)`` and
-    ``T = exp(log_t_bar)`` are fixed.
+    ``fn: w [d] → (U(w), aux)`` is the potential and ``params`` the run's tuning constants
+    (:func:`make_params`), closed over; everything that changes from one iteration to the
+    next, the iteration counter included, lives in the :class:`ChEESState`. ``step``
+    adapts while ``state.i < params.warmup``; afterwards ``ε = exp(log_eps_bar)`` and
+    ``T = exp(log_t_bar)`` are fixed, so warmup and sampling are one function and no
+    ``freeze`` is needed. Its randomness (momenta, acceptance uniforms, post-warmup
+    jitter) comes from ``key`` alone: the same ``(key, state)`` gives the same result.
+    With ``center`` (``w*``, ``[d]``) the info also carries the virial term
+    ``(w − w*)·∇U(w)`` from the gradient the integrator already holds.
+
+    The kernel is traceable: build it inside ``jax.jit`` with traced ``params`` to share
+    one compilation between runs that differ only in tuning constants.
     """
     import jax
     import jax.numpy as jnp
 
     vg = _value_and_grad(fn)
     beta2, adam_eps = 0.95, 1e-8
+    prm = params
 
-    def step(state: ChEESState, i, prm: ChEESParams):
+    def init(
+        position, key, log_eps0=0.0, log_t0=0.0, search_step_size=True, default_trajectory=True
+    ) -> ChEESState:
+        return chees_init(fn, position, key, log_eps0, log_t0, search_step_size, default_trajectory)
+
+    def step(key, state: ChEESState, batch=None) -> tuple[ChEESState, ChEESInfo]:
+        if batch is not None:
+            raise ValueError("ChEES-HMC uses the full-data potential: batch must be None")
         dtype = state.w.dtype
         C, d = state.w.shape
+        i = state.i
         adapting = i < prm.warmup
         log_eps = jnp.where(adapting, state.log_eps, state.log_eps_bar)
         log_t = jnp.where(adapting, state.log_t, state.log_t_bar)
         eps, traj = jnp.exp(log_eps), jnp.exp(log_t)
         # one random call per iteration (threefry compiles slowly on CPU): columns 0..d-1
         # are the momenta, column d the acceptance uniform Φ(z), [0, d+1] the jitter
-        z = jax.random.normal(jax.random.fold_in(state.key, i), (C, d + 2), dtype)
+        z = jax.random.normal(key, (C, d + 2), dtype)
         # Halton jitter in warmup (low-variance adaptation); i.i.d. uniform when sampling
         # (a time-homogeneous kernel, for which ESS estimates hold; module docstring)
         jit_u = jnp.where(
@@ -508,33 +573,42 @@ def make_step(fn):
         )
         frozen = state._replace(w=w, u=u, g=g, aux=aux)
         new_state = jax.tree.map(lambda a, b: jnp.where(adapting, a, b), adapted, frozen)
-        info = {
-            "w": w,
-            "aux": aux,
-            "potential_energy": u,
-            "accept_prob": alpha,
-            "diverging": diverging,
-            "energy_error": dh,
-            "step_size": eps,
-            "num_steps": n_steps,
-            "trajectory_length": traj,
-            "harmonic_accept": hm,
-        }
+        new_state = new_state._replace(i=i + 1)
+        info = ChEESInfo(
+            w=w,
+            aux=aux,
+            potential_energy=u,
+            accept_prob=alpha,
+            diverging=diverging,
+            energy_error=dh,
+            step_size=eps,
+            num_steps=n_steps,
+            trajectory_length=traj,
+            harmonic_accept=hm,
+            virial=None if center is None else jnp.sum((w - center) * g, axis=-1),
+        )
         return new_state, info
 
-    return step
+    return ChEESKernel(init=init, step=step)
 
 
-def _make_block(step, block: int):
-    """``(state, i0, params) → (state, infos)``: iterations ``i0 … i0+block−1`` in one
-    ``lax.scan``."""
-    import jax.numpy as jnp
+def iteration_key(key, i):
+    """The key :func:`chees_sample` passes to iteration ``i`` of a run whose run key is
+    ``key``: ``fold_in(key, i)``, so draw ``s`` does not depend on how the run is cut
+    into blocks."""
+    import jax
+
+    return jax.random.fold_in(key, i)
+
+
+def _make_block(fn, block: int, center=None):
+    """``(state, key, params) → (state, infos)``: ``block`` iterations of the kernel in one
+    ``lax.scan``, iteration ``state.i`` with key ``iteration_key(key, state.i)``."""
     from jax import lax
 
-    def run(state, i0, prm):
-        return lax.scan(
-            lambda s, i: step(s, i, prm), state, i0 + jnp.arange(block, dtype=jnp.int32)
-        )
+    def run(state, key, prm):
+        step = make_kernel(fn, prm, center).step
+        return lax.scan(lambda s, _: step(iteration_key(key, s.i), s), state, None, length=block)
 
     return run
 
@@ -587,18 +661,6 @@ def _pick_devices(chains: int, devices):
     return devs[:n]
 
 
-def _with_virial(step, center):
-    """``step`` whose info also carries ``virial`` ``[C]`` = ``(w − w*)·∇U(w)``; the new
-    state's ``g`` is the gradient at the recorded ``w``."""
-    import jax.numpy as jnp
-
-    def stepv(state, i, prm):
-        new, info = step(state, i, prm)
-        return new, {**info, "virial": jnp.sum((info["w"] - center) * new.g, axis=-1)}
-
-    return stepv
-
-
 def default_block_size(total: int) -> int:
     """About 20 blocks (at most 200 iterations each), sized to waste < 1 block-count of
     iterations at the end."""
@@ -639,7 +701,8 @@ def chees_sample(
     w0 : jax.Array [C, d]
         Initial positions, one row per chain (``C ≥ 2``).
     key : jax.random key
-        Base key; iteration ``i`` uses ``fold_in(key, i)``.
+        Split into a run key and an initialisation key (the step-size search);
+        iteration ``i`` gets ``iteration_key(run_key, i)``.
     warmup, draws : int
         Adaptation iterations (discarded) and kept iterations.
     keep : tuple of str
@@ -685,9 +748,10 @@ def chees_sample(
     devs = _pick_devices(C, devices)
     cache = {} if cache is None else cache
     t0 = time.perf_counter()
+    k_run, k_init = jax.random.split(key)
     init_args = (
         w0,
-        key,
+        k_init,
         jnp.asarray(0.0 if step_size is None else math.log(step_size), dtype),
         jnp.asarray(0.0 if trajectory_length is None else math.log(trajectory_length), dtype),
         jnp.asarray(step_size is None),
@@ -711,11 +775,8 @@ def chees_sample(
         state = _shard_state(state, devs)
     t1 = time.perf_counter()
     if bkey not in cache:
-        step = make_step(fn)
-        if center is not None:
-            step = _with_virial(step, center)
-        block = _make_block(step, block_size)
-        cache[bkey] = jax.jit(block).lower(state, jnp.asarray(0, jnp.int32), prm).compile()
+        block = _make_block(fn, block_size, center)
+        cache[bkey] = jax.jit(block).lower(state, k_run, prm).compile()
     compiled = cache[bkey]
     compile_s = time.perf_counter() - t1
 
@@ -730,9 +791,9 @@ def chees_sample(
     try:
         for b in range(nblocks):
             i0 = b * block_size
-            state, info = compiled(state, jnp.asarray(i0, jnp.int32), prm)
+            state, info = compiled(state, k_run, prm)
             n_real = min(block_size, total - i0)
-            host = {k: np.asarray(info[k])[:n_real] for k in names + shared}
+            host = {k: np.asarray(getattr(info, k))[:n_real] for k in names + shared}
             n_warm = int(np.clip(warmup - i0, 0, n_real))
             warm_div += host["diverging"][:n_warm].sum(0)
             warm_grads += int(host["num_steps"][:n_warm].sum()) * C
@@ -743,7 +804,7 @@ def chees_sample(
                 for k in shared:
                     stats[k].append(np.repeat(host[k][sl, None], C, 1))
                 for k in keep:
-                    kept[k].append(jax.tree.map(lambda a, s=sl: np.asarray(a)[s], info[k]))
+                    kept[k].append(jax.tree.map(lambda a, s=sl: np.asarray(a)[s], getattr(info, k)))
                 sample_grads += int(host["num_steps"][sl].sum()) * C
             if progress:
                 last = n_real - 1
