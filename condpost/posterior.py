@@ -110,7 +110,7 @@ class LocalPosterior:
         self.include, self.exclude = include, exclude
         out = _forward_at_center(self.lifted, self.center, x)
         if not _REDECLARING:
-            _check_deterministic_and_gradients(self.lifted, self.center, x, out)
+            _check_deterministic_and_gradients(self.lifted, self.center, x, self.localization)
         self.likelihood.validate(out, y)
         with torch.no_grad():
             nll = self.likelihood.nll(out, y)
@@ -645,15 +645,18 @@ def _forward_at_center(lifted: LiftedNetwork, center: torch.Tensor, x: torch.Ten
     return out
 
 
-def _check_deterministic_and_gradients(lifted: LiftedNetwork, center, x, out) -> None:
+def _check_deterministic_and_gradients(
+    lifted: LiftedNetwork, center, x, localization: float
+) -> None:
     """At declaration: the forward must be deterministic, and every lifted weight must matter.
 
     Two forward passes at ``w*`` on the same rows (at most 256) must agree (else
     ``ValueError``: dropout/RReLU in training mode, ``F.dropout(training=True)``, or
     ``torch.randn`` in ``forward``). Then the output's gradient along a random direction
-    is taken with respect to the lifted vector; a lifted parameter tensor whose gradient
-    is identically zero (``.detach()``, ``torch.round``, an unused parameter, all units
-    dead on the data) gets a warning naming it.
+    is taken with respect to the lifted vector at ``w*`` and at two draws of the local
+    prior; a lifted parameter tensor whose gradient is zero at all three (``.detach()``,
+    ``torch.round``, an unused parameter) gets a warning naming it. Units that are merely
+    dead at ``w*`` revive nearby and are not reported.
     """
     xs = x[:256]
     gen = torch.Generator().manual_seed(0)
@@ -690,26 +693,39 @@ def _check_deterministic_and_gradients(lifted: LiftedNetwork, center, x, out) ->
             f"training=self.training to functional dropout, or remove the randomness "
             f"(draw any noise once outside forward and pass it in)."
         )
-    if not (o1.requires_grad and o1.is_floating_point() and o1.numel()):
-        zero = list(lifted.names)
-    else:
+    zero = list(lifted.names)
+    points = [None] + [
+        center + localization**-0.5 * torch.randn(center.shape, generator=gen).to(center)
+        for _ in range(2)
+    ]
+    for w0 in points:  # zero at w* and at two draws of the local prior: identically zero
+        if w0 is not None:
+            w = w0.detach().clone().requires_grad_(True)
+            try:
+                with torch.enable_grad():
+                    o1 = lifted.forward(w, xs)
+            except Exception:  # noqa: BLE001
+                return
+        if not (o1.requires_grad and o1.is_floating_point() and o1.numel()):
+            continue
         r = torch.randn(o1.shape, generator=gen, dtype=torch.float64).to(o1)
         try:
             (g,) = torch.autograd.grad((o1 * r).sum(), w, allow_unused=True)
         except RuntimeError:
             return
-        if g is None:
-            zero = list(lifted.names)
-        else:
-            zero = [nm for nm in lifted.names if not bool((g[lifted.slice_of(nm)] != 0).any())]
+        if g is not None:
+            zero = [nm for nm in zero if not bool((g[lifted.slice_of(nm)] != 0).any())]
+        if not zero:
+            return
     if zero:
         shown = zero[:6] + (["…"] if len(zero) > 6 else [])
         warn(
             f"net: the gradient of the network's output with respect to the lifted "
-            f"parameter(s) {shown} is identically zero at w* (on {xs.shape[0]} input(s)), so "
+            f"parameter(s) {shown} is identically zero (at w* and at two draws of the local "
+            f"prior, on {xs.shape[0]} input(s)), so "
             f"the likelihood does not constrain them and they move only under the local "
             f"prior. Typical causes: .detach(), torch.round/argmax or integer casts in "
-            f"forward, a parameter forward never uses, or units dead on all the data. If "
+            f"forward, or a parameter forward never uses. If "
             f"that is not intended, remove the operation that blocks the gradient; otherwise "
             f"leave them out of the lifted set (exclude=...)."
         )
