@@ -64,6 +64,9 @@ def _ok(res, exact):
 
 
 def _post(net, x, include=None):
+    # the declaration's data play no part in these tests (the draws are Gaussian, chosen
+    # here); 16 points keep the per-draw statistics of from_draws cheap
+    x = x[:16]
     with torch.no_grad():
         y = torch.zeros_like(net(x))
     return cp.LocalPosterior(
@@ -326,9 +329,11 @@ def modadd():
     with torch.no_grad():
         acc = float((net(x).argmax(-1) == y).float().mean())
     assert acc > 0.95, acc
+    # declared on 64 of the 529 sums: the draws below are Gaussian around w* (chosen here),
+    # so the data only set what from_draws evaluates per draw
     post = cp.LocalPosterior(
         net,
-        (x, y),
+        (x[:64], y[:64]),
         cp.Categorical(),
         nbeta=100.0,
         localization=100.0,

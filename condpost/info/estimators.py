@@ -594,13 +594,13 @@ def _pca_basis(a: np.ndarray, components: int, variance: float) -> tuple[np.ndar
     if d <= components:
         return np.eye(d), {"dim": d, "components": d, "variance_kept": 1.0}
     c = a - a.mean(0)
-    _, sv, vt = np.linalg.svd(c, full_matrices=False)
-    ev = sv**2
+    ev, vec = np.linalg.eigh(c.T @ c)  # d × d: cheaper than an SVD of the N × d data
+    ev, vec = np.clip(ev[::-1], 0.0, None), vec[:, ::-1]
     tot = float(ev.sum())
     frac = np.cumsum(ev) / tot
     k = int(np.searchsorted(frac, variance - 1e-12) + 1)
     k = max(1, min(k, int(components), int(np.sum(ev > 1e-12 * ev[0]))))
-    return vt[:k].T, {"dim": d, "components": k, "variance_kept": float(frac[k - 1])}
+    return vec[:, :k], {"dim": d, "components": k, "variance_kept": float(frac[k - 1])}
 
 
 def _mi_pca_copula_ksg(
