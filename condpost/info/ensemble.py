@@ -578,13 +578,22 @@ def _choose(xs: _Side, ys: _Side, *, n: int, bootstrap: int, axes, m: int, estim
                 f"({xs.name}: {xs.K}, {ys.name}: {ys.K}), so only the plug-in estimator applies "
                 f"(estimator='auto' or 'plugin')"
             )
-        mm = bool(opts.get("miller_madow", True))
+        # With fewer probes than pairs, the balanced assignment makes the empirical law of
+        # the probes uniform up to N mod m: the plug-in then has no sampling bias to
+        # correct (Miller-Madow would over-correct). With a probe sample of m ≥ N the pairs
+        # are a sample, and the Miller-Madow correction applies.
+        mm = bool(opts.get("miller_madow", m >= n))
         return {
             "kind": "plugin",
             "name": "plugin",
             "opts": {"miller_madow": mm},
             "why": f"both sides are functions of the probe ({xs.K} and {ys.K} values): plug-in "
-            + ("with the Miller-Madow correction" if mm else "without bias correction"),
+            + (
+                "with the Miller-Madow correction (the probes are a sample: m ≥ N)"
+                if mm
+                else "without bias correction (the balanced probe assignment makes the "
+                "empirical law of the probes uniform, so the plug-in has no sampling bias)"
+            ),
         }
     if dx or dy:
         lab, cont = (xs, ys) if dx else (ys, xs)
