@@ -101,7 +101,7 @@ def calibrate(
     *,
     constraints: list[str] | None = None,
     chains: int = 2,
-    warmup: int = 300,
+    warmup: int | None = None,
     draws: int = 400,
     seed: int = 0,
     progress: bool = False,
@@ -109,6 +109,8 @@ def calibrate(
     refine: int = 0,
     tol: float = 0.05,
     sample_kwargs: dict | None = None,
+    method: str | None = None,
+    max_steps: int = 20000,
 ) -> LocalPosterior:
     """Set constraint strengths so that each binds at ``target_binding`` (docs/theory.md §2.2).
 
@@ -132,6 +134,26 @@ def calibrate(
     (``v → c·v``) that reproduces ``b̂`` at the current σ², re-solving for ``b*``. It stops
     once every ``|b̂ − b*| ≤ tol``. The history is in ``calibration[name]["history"]``.
 
+    **Any sampler.** ``method`` (or ``sample_kwargs["method"]``) picks the sampler of the
+    pilot and the refinement runs: ``"nuts"`` (default) or an SG-MCMC method
+    (``"sgld"``, ``"rmsprop_sgld"``, ``"sghmc"``, ``"sgnht"``). An SG-MCMC run is only
+    useful once it has relaxed and while its step-size bias is small, and both depend on
+    the posterior being sampled, so every SG-MCMC run is planned from the curvature
+    (``_sg_plan``): with ``h_max`` the top Hessian eigenvalue of that run's potential (the
+    constraints included, ``stepsize.top_curvature``), the step is at most ``0.2/h_max``
+    (SGLD's variance inflation ``1/(1 − εh/4)`` stays within 5% in the stiffest
+    direction; ``0.1/h_max`` for SGHMC/SGNHT's η, ``0.2/√h_max`` for RMSProp-SGLD), a
+    given ``step_size`` larger than that is reduced, and ``step_size`` missing or
+    ``"auto"`` uses the bound. The warmup is at least ``4/(εγ)`` steps (``4α/(ηγ)`` for
+    SGHMC): the time for the directions held only by the localizer (curvature ``γ``) to
+    relax within 2% of their stationary spread; the draws are thinned to span it. A short
+    unrelaxed pilot under-reads the feature's spread, the spectrum rule then picks too
+    small a σ, and the constraint binds several times harder than asked (issue 12: 5× at
+    ε = 1e-5, 300 warmup steps, γ = 100). When a run needs more than ``max_steps`` steps
+    per chain, the target is **refused** with the reason (typically: the σ it implies
+    makes the potential so stiff that the largest accurate step cannot relax the
+    localizer-held directions within the budget).
+
     Parameters
     ----------
     post : LocalPosterior
@@ -142,8 +164,9 @@ def calibrate(
         Names of the constraints to calibrate (default: all).
     chains : int
         Pilot chains (default 2).
-    warmup : int
-        Pilot warmup iterations per chain (default 300).
+    warmup : int, optional
+        Warmup iterations per chain of the pilot and refinement runs (default 300 for
+        NUTS; for SG-MCMC at least the relaxation time above).
     draws : int
         Pilot draws per chain (default 400).
     seed : int
@@ -158,7 +181,14 @@ def calibrate(
         Refinement stops when every calibrated binding is within ``tol`` of the target.
     sample_kwargs : dict, optional
         Extra keyword arguments for the pilot and refinement runs (``max_tree_depth``,
-        ``target_accept``, ``num_threads``, ...).
+        ``target_accept``, ``num_threads``, ``step_size``, ``batch_size``, ...); may hold
+        ``"method"``.
+    method : str, optional
+        Sampler of the pilot and refinement runs (default ``"nuts"``, or
+        ``sample_kwargs["method"]``).
+    max_steps : int
+        SG-MCMC budget: steps per chain of one run (warmup + thinned draws); a target that
+        needs more is refused (default 20,000).
 
     Returns
     -------
@@ -173,17 +203,47 @@ def calibrate(
         unknown = [c for c in constraints if c not in names]
         if unknown:
             raise ValueError(f"calibrate: unknown constraint(s) {unknown}; declared: {names}")
-    if pilot is None:
-        base = post._replace(constraints=[])
-        pilot = base.sample(
-            "nuts",
-            chains=chains,
-            warmup=warmup,
-            draws=draws,
-            seed=seed,
-            progress=progress,
-            **(sample_kwargs or {}),
+    kw = dict(sample_kwargs or {})
+    kw_method = kw.pop("method", None)
+    if method is not None and kw_method is not None and str(method) != str(kw_method):
+        raise ValueError(
+            f"calibrate: method={method!r} and sample_kwargs['method']={kw_method!r} differ; "
+            f"give it once"
         )
+    sampler = str(method or kw_method or "nuts").lower()
+    if isinstance(max_steps, bool) or int(max_steps) != max_steps or max_steps < 100:
+        raise ValueError(f"max_steps must be an integer ≥ 100; got {max_steps!r}")
+    from .infer import registry
+
+    sg = registry.get(sampler).kind == "sgmcmc"
+    plans = []
+
+    def run(p, run_seed, what):
+        if sg:
+            plan = _sg_plan(p, sampler, kw, warmup, draws, int(max_steps), what)
+            plans.append(plan)
+            opts = {**kw, "step_size": plan["step_size"], "thin": plan["thin"]}
+            return p.sample(
+                sampler,
+                chains=chains,
+                warmup=plan["warmup"],
+                draws=draws,
+                seed=run_seed,
+                progress=progress,
+                **opts,
+            )
+        return p.sample(
+            sampler,
+            chains=chains,
+            warmup=300 if warmup is None else warmup,
+            draws=draws,
+            seed=run_seed,
+            progress=progress,
+            **kw,
+        )
+
+    if pilot is None:
+        pilot = run(post._replace(constraints=[]), seed, "the unconstrained pilot")
     W = torch.as_tensor(pilot.flat().reshape(-1, post.d), dtype=post.dtype, device=post.device)
     new_specs, report = [], {}
     for spec, bound in zip(specs, post._bound, strict=True):
@@ -259,15 +319,7 @@ def calibrate(
     if not 0 < tol < 1:
         raise ValueError(f"tol must lie in (0, 1); got {tol!r}")
     for it in range(int(refine)):
-        ref = out.sample(
-            "nuts",
-            chains=chains,
-            warmup=warmup,
-            draws=draws,
-            seed=seed + 1 + it,
-            progress=progress,
-            **(sample_kwargs or {}),
-        )
+        ref = run(out, seed + 1 + it, f"refinement run {it + 1}")
         defects = ref.defects()
         done = True
         new_specs = []
@@ -306,8 +358,72 @@ def calibrate(
             info["converged"] = bool(
                 last_sigma == info["sigma"] and abs(last_b - target_binding) <= tol
             )
+    for info in report.values():
+        info["sampler"] = sampler
+        if plans:
+            info["runs"] = plans
     out.calibration = report
     return out
+
+
+def _sg_plan(post, method, kw, warmup, draws, max_steps, what) -> dict:
+    """Step size, warmup and thinning of one SG-MCMC run of ``post`` (see ``calibrate``).
+
+    Raises ``ValueError`` with the reason when the run cannot relax within ``max_steps``."""
+    from .stepsize import top_curvature
+
+    h = top_curvature(post)
+    gam = float(post.localization)
+    fr = float(kw.get("friction", 0.1))
+    if method == "sgld":
+        bound = 0.2 / h
+    elif method == "rmsprop_sgld":
+        bound = 0.2 / math.sqrt(h)
+    else:
+        bound = 0.1 / h
+    given = kw.get("step_size")
+    if given is None or (isinstance(given, str) and given.lower() == "auto"):
+        step, note = bound, "the accuracy bound"
+    else:
+        step = float(given)
+        note = "as given"
+        if step > bound:
+            step, note = bound, f"reduced from {float(given):.3g} to the accuracy bound"
+    # relaxation of the slowest (localizer-held, curvature γ) directions' spread to 2%
+    if method in ("sghmc", "sgnht"):
+        relax = 4.0 * max(fr / (step * gam), 1.0 / math.sqrt(step * gam))
+    elif method == "rmsprop_sgld":
+        relax = 4.0 / (step * math.sqrt(gam))  # G ≈ 1/√γ where only the localizer holds
+    else:
+        relax = 4.0 / (step * gam)
+    relax = int(math.ceil(relax))
+    need_warm = max(relax, 0 if warmup is None else int(warmup))
+    thin = max(1, int(math.ceil(relax / 16)))
+    if need_warm + draws > max_steps:
+        raise ValueError(
+            f"calibrate: {what} cannot be sampled accurately with {method} within "
+            f"max_steps={max_steps} steps per chain. The top curvature of its potential is "
+            f"h_max = {h:.3g}, so the largest step whose bias stays within 5% is "
+            f"{bound:.3g}, and at that step the directions held only by the localizer "
+            f"(γ = {gam:g}) need about {relax:,} steps to relax (plus {draws} draws). "
+            + (
+                "The constraints' tolerance makes the potential this stiff: ask for a "
+                "lower target binding, "
+                if post.constraints
+                else ""
+            )
+            + "raise max_steps, or use NUTS (method='nuts') if the network is small enough."
+        )
+    thin = max(1, min(thin, (max_steps - need_warm) // max(draws, 1)))
+    return {
+        "what": what,
+        "h_max": h,
+        "step_size": step,
+        "step_note": note,
+        "warmup": need_warm,
+        "thin": thin,
+        "relaxation_steps": relax,
+    }
 
 
 @dataclass(frozen=True)

@@ -107,29 +107,32 @@ def top_curvature(
         ``h_max`` in units of ``U`` per squared weight.
     """
     w0 = (post.center if w is None else w).detach().clone()
+    gam = float(post.localization)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     v = torch.randn(w0.shape, generator=g, dtype=torch.float64).to(w0)
     v = v / v.norm()
     lam_old = None
-    lam = float(post.localization)
-    for _ in range(int(iters)):
+    lam = 0.0
+    # iterate on H − γI (the loss and constraint part): the localizer's γI would otherwise
+    # dominate the Rayleigh quotient and stop the iteration before it found the top
+    for it in range(int(iters)):
         x = w0.clone().requires_grad_(True)
         with torch.enable_grad():
             u = post.potential(x)
             (gr,) = torch.autograd.grad(u, x, create_graph=True)
             (hv,) = torch.autograd.grad(gr, x, grad_outputs=v)
-        hv = hv.detach()
+        hv = hv.detach() - gam * v
         if not bool(torch.isfinite(hv).all()):
             break
-        lam = float(torch.dot(v, hv))
+        lam = abs(float(torch.dot(v, hv)))
         nrm = float(hv.norm())
         if nrm == 0.0:
             break
         v = hv / nrm
-        lam = max(abs(lam), 0.0)
-        if lam_old is not None and abs(lam - lam_old) <= rtol * max(lam, 1e-300):
+        if it >= 5 and lam_old is not None and abs(lam - lam_old) <= rtol * max(lam, 1e-300):
             break
         lam_old = lam
+    lam = lam + gam
     return max(lam, float(post.localization))
 
 
