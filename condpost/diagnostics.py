@@ -51,6 +51,10 @@ __all__ = [
     "ess_tail",
     "ess_basic",
     "mcse_mean",
+    "MeanError",
+    "mcse_mean_robust",
+    "Trend",
+    "trend",
     "VirialCheck",
     "virial_ratio",
 ]
@@ -451,6 +455,200 @@ def mcse_mean(x: ArrayLike) -> float | NDArray[np.float64]:
     a = _as_draws(x)
     sd = a.reshape(-1, a.shape[2]).std(axis=0, ddof=1)
     return _finish(sd / np.sqrt(_ess(_split_chains(a))), _event_shape(x))
+
+
+def _t_factor(dof: int, level: float = 0.95) -> float:
+    """``t_{dof}((1+level)/2) / z((1+level)/2)``: widens a standard error estimated with
+    ``dof`` degrees of freedom so that ``±z·se`` keeps its nominal coverage."""
+    if dof < 1:
+        return float("nan")
+    from scipy.stats import t as student_t
+
+    q = 0.5 * (1.0 + level)
+    return float(student_t.ppf(q, dof) / NormalDist().inv_cdf(q))
+
+
+def _n_batches(draws: int, batches: int | None) -> int:
+    if batches is not None:
+        if isinstance(batches, bool) or int(batches) != batches or batches < 2:
+            raise ValueError(f"batches must be an integer ≥ 2; got {batches!r}")
+        return int(min(batches, draws))
+    # about √S batches, between 5 and 20 (fewer when the chains are very short)
+    return int(min(20, max(2, min(draws // 4, max(5, int(math.sqrt(draws)))))))
+
+
+@dataclass(frozen=True)
+class MeanError:
+    """Result of ``mcse_mean_robust``: three estimates of the MC error of a mean.
+
+    Attributes
+    ----------
+    stderr : float
+        The reported error: the largest of ``ess``, ``batch_means`` and ``chain_means``
+        (each finite one), so that none of the three ways the error can show is hidden.
+    ess : float
+        ``sd/√ESS`` with the multi-chain split-chain ESS (``mcse_mean``).
+    batch_means : float
+        From ``B`` consecutive time batches of the chain-averaged trace:
+        ``sd(batch means)/√B``. A drift common to
+        all chains (a start that is not yet stationary) spreads the batch means, so it
+        shows here even when every chain agrees with the others.
+    chain_means : float
+        ``sd(chain means)/√C`` (NaN with one chain). It is the between-chain spread itself, with no model of the
+        autocorrelation, so slow modes that the ESS's autocorrelation sum truncates away
+        still show.
+    batches, chains : int
+        ``B`` and ``C``.
+    source : str
+        Which of the three is ``stderr``.
+    """
+
+    stderr: float
+    ess: float
+    batch_means: float
+    chain_means: float
+    batches: int
+    chains: int
+    source: str
+
+    def __float__(self) -> float:
+        return float(self.stderr)
+
+    def interval_halfwidth(self, level: float = 0.95) -> float:
+        """Half-width of a ``level`` interval: ``t_ν·stderr`` with ``ν`` the degrees of
+        freedom of the estimate that gave ``stderr`` (``C − 1`` for chain means, ``B − 1``
+        for batch means; normal for the ESS-based one)."""
+        q = NormalDist().inv_cdf(0.5 * (1.0 + level))
+        dof = {"chain_means": self.chains - 1, "batch_means": self.batches - 1}.get(self.source)
+        f = _t_factor(dof, level) if dof else 1.0
+        return float(q * f * self.stderr)
+
+
+def mcse_mean_robust(x: ArrayLike, *, batches: int | None = None) -> MeanError:
+    """Monte Carlo standard error of the mean of ``[chains, draws]`` draws that does not
+    understate the spread between runs.
+
+    The ESS-based ``mcse_mean`` assumes stationary chains and an autocorrelation sum that
+    captures every slow mode; with few chains started at the same point and a slow drift
+    it can be several times too small (two seeds of one LLC run then disagree by many
+    "standard errors"). This returns the largest of
+
+    * the ESS-based error (``mcse_mean``);
+    * the batch-means error of the chain-averaged trace, ``B`` time batches (default about
+      √draws, between 5 and 20);
+    * the chain-means error, ``sd(chain means)/√C``.
+
+    Each of the three is a consistent estimate of the same error for stationary chains,
+    so the maximum is at most a little larger than the truth (about 1.2× for 4–8 chains
+    of well-mixed draws); where they disagree, the larger one is the one that saw a slow
+    mode or a drift. For an interval with few chains widen it by Student's
+    ``t_{C−1}``: ``MeanError.interval_halfwidth()``.
+
+    Parameters
+    ----------
+    x : array_like
+        Draws of shape ``[chains, draws]``.
+    batches : int, optional
+        Number of time batches ``B`` (≥ 2).
+
+    Returns
+    -------
+    MeanError
+        ``float(result)`` is the reported standard error.
+    """
+    if np.ndim(x) != 2:
+        raise ValueError(f"x must have shape [chains, draws]; got shape {np.shape(x)}")
+    a = _as_draws(x)[..., 0]
+    C, S = a.shape
+    try:
+        se_ess = float(mcse_mean(a))
+    except ValueError:  # pragma: no cover - _as_draws already checked
+        se_ess = float("nan")
+    B = _n_batches(S, batches)
+    trace = a.mean(axis=0)
+    size = S // B
+    # the last B·size draws, so that the most recent (most stationary) ones are all used
+    bm = trace[S - B * size :].reshape(B, size).mean(axis=1)
+    se_bm = float(bm.std(ddof=1) / math.sqrt(B)) if B >= 2 else float("nan")
+    if C >= 2:
+        se_cm = float(a.mean(axis=1).std(ddof=1) / math.sqrt(C))
+    else:
+        se_cm = float("nan")
+    cands = {"ess": se_ess, "batch_means": se_bm, "chain_means": se_cm}
+    finite = {k: v for k, v in cands.items() if np.isfinite(v)}
+    if finite:
+        source = max(finite, key=finite.get)
+        se = finite[source]
+    else:
+        source, se = "none", float("nan")
+    return MeanError(
+        stderr=float(se),
+        ess=se_ess,
+        batch_means=se_bm,
+        chain_means=se_cm,
+        batches=B,
+        chains=C,
+        source=source,
+    )
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Result of ``trend``: the linear drift of a trace over its window.
+
+    Attributes
+    ----------
+    change : float
+        Fitted change of the chain-averaged trace from the first to the last draw of the
+        window (slope × window length).
+    stderr : float
+        Its standard error, from the residuals of the ``B`` batch means (``t_{B−2}``-widened).
+    mean : float
+        Mean of the window.
+    batches : int
+    """
+
+    change: float
+    stderr: float
+    mean: float
+    batches: int
+
+    def flat(self, *, rel: float = 0.0, abs_tol: float = 0.0, z: float = 2.0) -> bool:
+        """No trend: the change is within ``z`` standard errors, or within
+        ``max(rel·|mean|, abs_tol)``."""
+        if not np.isfinite(self.change):
+            return False
+        tol = max(rel * abs(self.mean), abs_tol)
+        return bool(abs(self.change) <= tol or abs(self.change) <= z * self.stderr)
+
+
+def trend(x: ArrayLike, *, batches: int | None = None) -> Trend:
+    """Linear trend of the chain-averaged trace of ``[chains, draws]`` draws.
+
+    A line is fitted to ``B`` time-batch means of the chain-averaged trace (default about
+    √draws, between 5 and 20); batching makes the residuals nearly independent, so the
+    slope's standard error is honest for autocorrelated chains. Used for the plateau
+    criterion of ``condpost.auto`` (‖w − w*‖² and the loss no longer trending).
+    """
+    if np.ndim(x) != 2:
+        raise ValueError(f"x must have shape [chains, draws]; got shape {np.shape(x)}")
+    a = _as_draws(x)[..., 0]
+    S = a.shape[1]
+    B = max(_n_batches(S, batches), 3) if S >= 3 else S
+    size = S // B
+    trace = a.mean(axis=0)[S - B * size :].reshape(B, size).mean(axis=1)
+    t = (np.arange(B) + 0.5) * size
+    tc = t - t.mean()
+    slope = float((tc * (trace - trace.mean())).sum() / (tc * tc).sum())
+    resid = trace - trace.mean() - slope * tc
+    dof = B - 2
+    if dof >= 1:
+        s2 = float((resid**2).sum() / dof)
+        se = math.sqrt(s2 / float((tc * tc).sum())) * _t_factor(dof)
+    else:
+        se = float("nan")
+    span = float(B * size)
+    return Trend(change=slope * span, stderr=se * span, mean=float(a.mean()), batches=B)
 
 
 @dataclass(frozen=True)

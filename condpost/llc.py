@@ -48,6 +48,16 @@ class LLC:
         The sampler that produced the draws (``"nuts"``, ``"hmc"``, ``"svi"``).
     notes : tuple of str
         Caveats attached to the estimate (e.g. that SVI draws under-disperse).
+    stderr_detail : dict
+        How ``stderr`` was obtained: the ESS-based, batch-means and chain-means errors
+        (``condpost.diagnostics.mcse_mean_robust``), which one was the largest
+        (``source``; the reported one), and the baseline's error for SG-MCMC runs.
+    discarded : int
+        Kept draws per chain left out at the start (``draws="auto"`` drops a start
+        that is still trending); 0 for a plain run.
+    run : dict
+        For ``condpost.auto``: the rounds, the criteria and which one ended the run
+        (``run["stop_reason"]``); empty otherwise.
     """
 
     mean: float
@@ -61,6 +71,9 @@ class LLC:
     constrained: bool = False
     method: str = "nuts"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    stderr_detail: dict = field(default_factory=dict)
+    discarded: int = 0
+    run: dict = field(default_factory=dict)
 
     def __float__(self) -> float:
         return float(self.mean)
@@ -72,6 +85,8 @@ class LLC:
             f"{len(self.per_chain)} chain(s) {self.std:.3g}  [nβ={self.nbeta:.4g}, "
             f"γ={self.localization:g}, n={self.n}]"
         )
+        if self.run.get("stop_reason"):
+            s += f"  (draws='auto': {self.run['stop_reason']})"
         return s
 
 
@@ -87,8 +102,14 @@ def llc_from_losses(
     method: str = "nuts",
     warn_negative: bool = True,
 ) -> LLC:
-    """Compute ``LLC`` from per-draw losses ``[chains, draws]``."""
-    from .diagnostics import mcse_mean
+    """Compute ``LLC`` from per-draw losses ``[chains, draws]``.
+
+    ``stderr`` is ``nβ·mcse_mean_robust(L)``: the largest of the ESS-based, batch-means
+    and chain-means (t-widened) errors, so that it includes the spread between chains and
+    a drift common to them (docs/llc.md). With ``warn_negative`` (the user-facing default)
+    a negative λ̂ and a λ̂ at the floor of a saturated loss are explained in a warning.
+    """
+    from .diagnostics import mcse_mean_robust
 
     L = np.asarray(losses, dtype=np.float64)
     if L.ndim != 2:
@@ -105,9 +126,16 @@ def llc_from_losses(
     mean = float(nbeta * (L.mean() - loss_center))
     std = float(per_chain.std(ddof=1)) if L.shape[0] > 1 else float("nan")
     try:
-        stderr = float(nbeta * mcse_mean(L))
+        err = mcse_mean_robust(L)
+        stderr = float(nbeta * err.stderr)
+        detail = {
+            "ess": float(nbeta * err.ess),
+            "batch_means": float(nbeta * err.batch_means),
+            "chain_means": float(nbeta * err.chain_means),
+            "source": err.source,
+        }
     except ValueError:
-        stderr = float("nan")
+        stderr, detail = float("nan"), {}
     notes = []
     if method == "svi":
         notes.append(
@@ -126,6 +154,11 @@ def llc_from_losses(
             f"full-batch optimisation steps, increase localization, or lower nβ.",
             SamplerWarning,
         )
+    sat = saturation_message(mean, loss_center, nbeta, d)
+    if sat is not None:
+        notes.append(sat)
+        if warn_negative:
+            warn(sat, SamplerWarning)
     return LLC(
         mean=mean,
         std=std,
@@ -138,7 +171,33 @@ def llc_from_losses(
         constrained=constrained,
         method=method,
         notes=tuple(notes),
+        stderr_detail=detail,
     )
+
+
+def saturation_message(mean: float, loss_center: float, nbeta: float, d: int) -> str | None:
+    """The plain-words reason for a λ̂ stuck near 0 at a loss floor, or None.
+
+    A classifier that fits its data with ever larger margins has ``L_n(w*) → 0``; then
+    ``nβ(L_n(w) − L_n(w*))`` can only be as large as the loss can grow within the
+    localizer's reach, and directions that only sharpen the margins change the loss by
+    ``O(L_n(w*))``. λ̂ comes out near 0 (e.g. 1e-7 at a loss of 6e-8), which says that the
+    loss is saturated at this nβ, not that the network is simple.
+    """
+    if not (np.isfinite(mean) and np.isfinite(loss_center)):
+        return None
+    if 0 <= loss_center < 1e-3 and abs(mean) < 1e-2 and nbeta * loss_center < 1.0:
+        return (
+            f"λ̂ = {mean:.3g} is at the floor: the loss at w* is L_n(w*) = {loss_center:.3g} "
+            f"nats, so close to its minimum 0 (a saturated classifier: every margin is huge) "
+            f"that nβ·(L_n(w) − L_n(w*)) has no room to grow (nβ·L_n(w*) = "
+            f"{nbeta * loss_center:.3g}). This is not a measure of the network's complexity "
+            f"(a regular model with d = {d} would give about {d / 2:g}). Raise nβ until "
+            f"nβ·L_n(w*) is of order 1 or more, train with label smoothing (or stop "
+            f"training earlier, or add a small weight decay) so that w* is not at the loss "
+            f"floor, or measure the LLC on held-out data where the loss is not saturated."
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,7 +213,9 @@ _ESTIMATOR_NOTES = {
 }
 
 
-def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> LLC:
+def llc_sgmcmc(
+    ref, *, estimator: str | None = None, warn_user: bool = True, discard: int = 0
+) -> LLC:
     """λ̂ of an SG-MCMC ``ReferenceClass`` with its estimator notes and diagnostics.
 
     ``λ̂ = nβ (mean_draws L̂_n(w) − L_n(w*))`` where ``L̂_n`` is the run's loss estimator
@@ -169,7 +230,11 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
     (too-weak localization or not yet stationary); λ̂ drifting between the halves of the
     run; chains disagreeing (split R-hat of the loss > 1.01); the localizer dominating the
     spread (``γE‖w−w*‖²/d`` close to 1); and the centre check of the posterior (w* not
-    at a minimum).
+    at a minimum); a λ̂ at the floor of a saturated loss.
+
+    ``discard`` leaves out the first ``discard`` kept draws of every chain (the loss
+    measurements at or after draw ``discard``; ``condpost.auto`` drops a start that is
+    still trending).
     """
     from .diagnostics import mcse_mean, split_rhat
 
@@ -183,6 +248,7 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
     if estimator in (None, est):
         losses = ref.loss()
         what = est
+        every = int(settings.get("loss_every") or 1)
     elif estimator == "full":
         if "loss_full" not in ref._stats:
             raise ValueError(
@@ -190,10 +256,22 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
                 "loss='full')"
             )
         losses, what = ref.stat("loss_full"), "full"
+        every = int(settings.get("full_loss_every") or 1)
     else:
         raise ValueError(
             f"estimator={estimator!r}: choose None (the run's estimator, {est!r}) or 'full'"
         )
+    if isinstance(discard, bool) or int(discard) != discard or discard < 0:
+        raise ValueError(f"discard must be an integer ≥ 0 (kept draws per chain); got {discard!r}")
+    discard = int(discard)
+    if discard:
+        skip = -(-discard // every)
+        losses = np.asarray(losses)[:, skip:]
+        if losses.shape[1] < 4:
+            raise ValueError(
+                f"discard={discard} leaves {losses.shape[1]} loss measurements per chain; "
+                f"λ̂ needs at least 4"
+            )
     nbeta = ref.nbeta
     base_se = float(settings.get("baseline_stderr") or 0.0)
     with warnings.catch_warnings():
@@ -210,7 +288,10 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
             warn_negative=False,
         )
     stderr = float(np.hypot(res.stderr, nbeta * base_se))
+    detail = dict(res.stderr_detail, baseline=float(nbeta * base_se))
     notes = [f"loss estimator: {_ESTIMATOR_NOTES.get(what, what)}"]
+    if discard:
+        notes.append(f"the first {discard} kept draws of every chain are left out")
     msgs = []
     L = np.asarray(losses, dtype=np.float64)
     if res.mean < 0:
@@ -260,8 +341,8 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
                     f"chains disagree on L_n (split R-hat {rh:.3f} > 1.01): draw longer, use a "
                     f"longer warmup, or check for multimodality (weak localization)."
                 )
-    if "dist2" in ref._stats and ref._stats["dist2"].shape[1] >= 8:
-        D2 = ref._stats["dist2"]
+    if "dist2" in ref._stats and ref._stats["dist2"].shape[1] - discard >= 8:
+        D2 = np.asarray(ref._stats["dist2"])[:, discard:]
         q = D2.shape[1] // 4
         early, late = D2[:, q : 2 * q].mean(), D2[:, 3 * q :].mean()
         if early > 0 and late > 1.25 * early:
@@ -283,6 +364,9 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
             f"the centre check found w* away from a minimum: in the local quadratic model λ̂ "
             f"is lowered by about {-shift:.3g} (docs/theory.md §4.2). Refine w* before trusting λ̂."
         )
+    sat = saturation_message(res.mean, config["loss_center"], nbeta, ref.d)
+    if sat is not None:
+        msgs.append(sat)
     if warn_user:
         for m in msgs:
             warn(m, SamplerWarning)
@@ -298,4 +382,6 @@ def llc_sgmcmc(ref, *, estimator: str | None = None, warn_user: bool = True) -> 
         constrained=res.constrained,
         method=res.method,
         notes=tuple(notes + msgs),
+        stderr_detail=detail,
+        discarded=discard,
     )

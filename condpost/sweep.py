@@ -103,6 +103,9 @@ class SweepResult:
         Per setting: ``nbeta``, ``localization``, constraint tolerances/ρ, sampler settings.
     refs : list of ReferenceClass or None
         The reference classes (kept with ``keep=True``).
+    units : dict
+        ``name → unit`` labels that override ``unit()``'s inference (plots put each unit
+        on its own axis).
     """
 
     knob: str
@@ -112,6 +115,7 @@ class SweepResult:
     settings: list[dict]
     refs: list[Any] | None = None
     notes: list[str] = field(default_factory=list)
+    units: dict[str, str] = field(default_factory=dict)
 
     def value(self, name: str | None = None) -> np.ndarray:
         """Values of an observable per setting."""
@@ -202,38 +206,85 @@ class SweepResult:
     def __str__(self) -> str:
         return self.table()
 
-    def plot(self, ax=None, names: Sequence[str] | None = None, **errorbar_kw):
-        """Error-bar plot of the observables against the knob (log axis). Returns ``ax``.
+    def unit(self, name: str) -> str:
+        """The unit of an observable, for axis labels: from ``self.units`` if given there,
+        else from the kind of object it returned (``InfoResult`` → nats, ``LLC`` → λ̂), else
+        from its name (``mi``/``info``/``entropy`` → nats, ``acc*`` → fraction,
+        ``binding`` → binding ratio, ``virial`` → virial ratio, ``loss`` → nats per sample,
+        ``llc``/``lambda`` → λ̂), else the name itself (its own axis)."""
+        if name in self.units:
+            return str(self.units[name])
+        objs = self.results.get(name) or []
+        kinds = {type(o).__name__ for o in objs}
+        if kinds == {"InfoResult"}:
+            return "nats"
+        if kinds == {"LLC"}:
+            return "λ̂ (learning coefficient)"
+        low = name.lower()
+        for keys, unit in _UNIT_RULES:
+            if any(k(low) for k in keys):
+                return unit
+        return name
 
-        ``names`` selects observables (default all); ``label=`` names this curve (e.g.
-        ``"conditioned"``) so that several sweeps can share one axis; other keywords go to
-        ``matplotlib.axes.Axes.errorbar``.
+    def plot(self, ax=None, names: Sequence[str] | None = None, units=None, **errorbar_kw):
+        """Error-bar plots of the observables against the knob (log axis), one panel per unit.
+
+        Observables that share a unit (``unit()``; ``units={name: unit}`` overrides) share a
+        panel, labelled with that unit; different units never share an axis. Returns the
+        ``Axes`` when there is one panel, else a list of ``Axes`` (one per unit, in the
+        order the observables appear).
+
+        ``ax`` is an ``Axes`` (one unit) or a sequence of them (one per unit); by default
+        a figure with one row per unit is made. ``names`` selects observables (default
+        all); ``label=`` names this curve (e.g. ``"conditioned"``) so that several sweeps
+        can share the axes; other keywords go to ``matplotlib.axes.Axes.errorbar``.
         """
         try:
             import matplotlib.pyplot as plt
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("SweepResult.plot needs matplotlib: `pip install matplotlib`") from e
-        if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3.5))
         names = list(self.observables) if names is None else list(names)
+        for nm in names:
+            self._get(nm)
+        if units is not None:
+            if not isinstance(units, Mapping):
+                raise TypeError("units must be a dict observable name → unit label")
+            self.units.update({str(k): str(v) for k, v in units.items()})
+        groups: dict[str, list[str]] = {}
+        for nm in names:
+            groups.setdefault(self.unit(nm), []).append(nm)
+        if ax is None:
+            k = len(groups)
+            _, axes = plt.subplots(k, 1, figsize=(5, 2.6 * k + 0.9), sharex=True, squeeze=False)
+            axes = list(axes[:, 0])
+        else:
+            axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+            axes = list(np.ravel(np.asarray(axes, dtype=object)))
+            if len(axes) != len(groups):
+                raise ValueError(
+                    f"ax: {len(axes)} Axes given for {len(groups)} unit(s) {list(groups)}; "
+                    f"pass one Axes per unit (or names=[...] of one unit)"
+                )
         x = np.asarray(self.values, dtype=float)
         label = errorbar_kw.pop("label", None)
         errorbar_kw.setdefault("marker", "o")
         errorbar_kw.setdefault("capsize", 3)
-        for nm in names:
-            y, se = self.value(nm), self.stderr(nm)
-            if label is None:
-                lbl = nm
-            else:
-                lbl = label if len(names) == 1 else f"{label}: {nm}"
-            ax.errorbar(x, y, yerr=np.where(np.isfinite(se), se, 0.0), label=lbl, **errorbar_kw)
-        ax.set_xscale("log")
         knob = {"nbeta": "nβ", "localization": "γ"}.get(self.knob, self.knob)
-        ax.set_xlabel(knob)
-        ax.set_ylabel("nats" if len(names) > 1 or names[:1] == ["mi"] else names[0])
-        if len(names) > 1 or label is not None:
-            ax.legend()
-        return ax
+        for a, (unit, nms) in zip(axes, groups.items(), strict=True):
+            for nm in nms:
+                y, se = self.value(nm), self.stderr(nm)
+                if label is None:
+                    lbl = nm
+                else:
+                    lbl = label if len(nms) == 1 else f"{label}: {nm}"
+                a.errorbar(x, y, yerr=np.where(np.isfinite(se), se, 0.0), label=lbl, **errorbar_kw)
+            a.set_xscale("log")
+            a.set_ylabel(unit)
+            if len(nms) > 1 or label is not None or unit != nms[0]:
+                a.legend()
+        for a in axes if ax is not None else axes[-1:]:
+            a.set_xlabel(knob)
+        return axes[0] if len(axes) == 1 else axes
 
     def to_dict(self) -> dict:
         return {
@@ -243,6 +294,25 @@ class SweepResult:
             "settings": self.settings,
             "notes": list(self.notes),
         }
+
+
+_UNIT_RULES = (
+    (
+        (
+            lambda s: s == "mi" or s.startswith("mi_") or s.endswith("_mi") or "info" in s,
+            lambda s: "entropy" in s,
+        ),
+        "nats",
+    ),
+    ((lambda s: s.startswith("acc") or "accuracy" in s,), "fraction (accuracy)"),
+    ((lambda s: "binding" in s,), "binding ratio"),
+    ((lambda s: "virial" in s,), "virial ratio"),
+    (
+        (lambda s: s in ("llc", "lambda", "lambda_hat") or s.startswith("llc"),),
+        "λ̂ (learning coefficient)",
+    ),
+    ((lambda s: "loss" in s,), "loss (nats per sample)"),
+)
 
 
 def _value_se(obj) -> tuple[float, float]:
