@@ -4,7 +4,9 @@
 in-place updates of captured tensors, ops without a batching rule). Then the function
 runs draw by draw. Only vmap's own failures are caught (``RuntimeError`` and
 ``NotImplementedError`` raised while tracing), each function falls back once, with one
-warning naming it, and the fallback is remembered so later calls do not retry.
+warning naming it, and the fallback is remembered by that wrapper so its later calls
+do not retry (another wrapper, e.g. for another network of the same class, tries vmap
+itself; the warning is not repeated for the same name).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ._errors import CondpostWarning, warn
 
 __all__ = ["batched"]
 
-_FAILED: set[str] = set()
+_WARNED: set[str] = set()
 
 
 def batched(fn: Callable, name: str, *, in_dims=0) -> Callable:
@@ -34,12 +36,17 @@ def batched(fn: Callable, name: str, *, in_dims=0) -> Callable:
         rows = [fn(*(a[i] for a in args)) for i in range(n)]
         return _stack(rows)
 
+    failed = []
+
     def call(*args):
-        if name not in _FAILED:
+        if not failed:
             try:
                 return vm(*args)
             except (RuntimeError, NotImplementedError) as e:
-                _FAILED.add(name)
+                failed.append(True)
+                if name in _WARNED:
+                    return loop(*args)
+                _WARNED.add(name)
                 warn(
                     f"{name}: torch.func.vmap cannot batch this network "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); evaluating draw by "
@@ -48,6 +55,7 @@ def batched(fn: Callable, name: str, *, in_dims=0) -> Callable:
                 )
         return loop(*args)
 
+    call.failed = failed  # type: ignore[attr-defined]  # [True] once it fell back
     return call
 
 

@@ -37,6 +37,23 @@ class Likelihood:
     def nll(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def mean_nll(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``L_B = (1/m) Σ_i ℓ_i`` over a batch of ``m`` rows (a scalar).
+
+        Subclasses may override it with a fused form (fewer autograd nodes than ``nll``
+        followed by a mean); it must equal ``nll(output, y).mean()`` up to rounding.
+        """
+        return self.nll(output, y).mean()
+
+    def mean_nll_parts(self, output: torch.Tensor, y: torch.Tensor):
+        """``(raw, scale, const)`` with ``mean_nll = scale·raw + const``, or None.
+
+        ``raw`` is a tensor and ``scale``, ``const`` are Python floats, so a gradient of
+        ``c·mean_nll`` is one reverse pass through ``raw`` seeded with ``c·scale`` (the
+        SG-MCMC hot path). None where the likelihood has no such split.
+        """
+        return None
+
     def observe(self, name: str, output: torch.Tensor, y: torch.Tensor) -> None:
         """Pyro observation statement(s) whose log-prob sums to ``-Σ_i ℓ_i``."""
         raise NotImplementedError
@@ -94,6 +111,17 @@ class Categorical(Likelihood):
         ll = lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return -ll.reshape(ll.shape[0], -1).sum(-1)
 
+    def mean_nll_parts(self, output, y):
+        if y.dtype != torch.long or tuple(output.shape[:-1]) != tuple(y.shape):
+            return None
+        flat = output.reshape(-1, output.shape[-1])
+        raw = F.cross_entropy(flat, y.reshape(-1), reduction="sum")
+        return raw, 1.0 / max(output.shape[0], 1), 0.0
+
+    def mean_nll(self, output, y):
+        pr = self.mean_nll_parts(output, y)
+        return self.nll(output, y).mean() if pr is None else pr[0] * pr[1]
+
     def observe(self, name, output, y):
         pyro.sample(name, dist.Categorical(logits=output).to_event(y.dim() - 1), obs=y)
 
@@ -137,6 +165,21 @@ class Gaussian(Likelihood):
         e = 0.5 * ((y - output) / s) ** 2 + torch.log(s) + 0.5 * math.log(2 * math.pi)
         e = e.expand_as(output)
         return e.reshape(e.shape[0], -1).sum(-1)
+
+    def mean_nll_parts(self, output, y):
+        if not isinstance(self.scale, (int, float)) or output.shape != y.shape:
+            return None
+        if output.dtype != y.dtype:
+            return None
+        s, m = float(self.scale), max(output.shape[0], 1)
+        k = output.numel() // m
+        # mse_loss: one kernel forward and one backward (no separate neg/square nodes)
+        raw = F.mse_loss(output, y, reduction="sum")
+        return raw, 0.5 / (s * s * m), k * (math.log(s) + 0.5 * math.log(2 * math.pi))
+
+    def mean_nll(self, output, y):
+        pr = self.mean_nll_parts(output, y)
+        return self.nll(output, y).mean() if pr is None else pr[0] * pr[1] + pr[2]
 
     def observe(self, name, output, y):
         s = self._s(output).expand_as(output)

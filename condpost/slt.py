@@ -152,6 +152,7 @@ def wbic(post, *, prior_scale: float, method: str = "sgld", **sample_kw) -> WBIC
     import torch
 
     from .infer.sgmcmc import METHODS, run_sgmcmc
+    from .potential import Potential
 
     if post.constraints:
         raise ValueError(
@@ -168,14 +169,11 @@ def wbic(post, *, prior_scale: float, method: str = "sgld", **sample_kw) -> WBIC
         raise ValueError(f"prior_scale must be a positive finite number (σ); got {prior_scale!r}")
     n = post.n
     nb = n / math.log(n)
-    prior = {
-        "nbeta": nb,
-        "localization": 1.0 / sigma**2,
-        "anchor": torch.zeros_like(post.center),
-        "prior_scale": sigma,
-        "kind": "wbic",
-    }
-    ref = run_sgmcmc(post, method=method, _prior=prior, **sample_kw)  # a SampleResult
+    # the global posterior: N(0, σ²) prior, inverse temperature β = 1/log n
+    pot = Potential(
+        post, nbeta=nb, localization=1.0 / sigma**2, anchor=torch.zeros_like(post.center)
+    )
+    ref = run_sgmcmc(post, method=method, potential=pot, **sample_kw)  # a SampleResult
     from .diagnostics import mcse_mean
 
     L = np.asarray(ref.stats["loss"], dtype=np.float64)

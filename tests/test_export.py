@@ -819,7 +819,10 @@ def _post_with(module):
 
 
 def test_unsupported_op_names_op_and_location():
-    post = _post_with(_Bessel())
+    # torch has no derivative for bessel_j0: the layer before it gets no gradient, which
+    # the declaration reports
+    with pytest.warns(cp.CondpostWarning, match="identically zero"):
+        post = _post_with(_Bessel())
     with pytest.raises(UnsupportedOpError) as info:
         to_jax(post)
     err = info.value

@@ -16,6 +16,7 @@ import torch
 from pyro.infer.mcmc import HMC, NUTS
 from tqdm.auto import tqdm
 
+from ..potential import Potential
 from .base import SampleResult, chain_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,10 +46,11 @@ def run_pyro_mcmc(
     if not 0 < target_accept < 1:
         raise ValueError(f"target_accept must lie in (0, 1); got {target_accept}")
     counter = {"grads": 0}
+    pot = Potential(post)
 
     def potential_fn(z):
         counter["grads"] += 1
-        return post.potential(z["w"])
+        return pot.value(z["w"])
 
     kw = dict(
         potential_fn=potential_fn,
@@ -135,10 +137,11 @@ def _run_chains(post, make_kernel, method, warmup, draws, seeds, progress, init_
                     if i >= warmup:
                         out[c, i - warmup] = params["w"].detach()
                     if progress and (i % 10 == 0 or i == warmup + draws - 1):
+                        diag = kernel.diagnostics()
                         bar.set_postfix(
                             step=f"{kernel.step_size:.2e}",
-                            acc=f"{kernel._mean_accept_prob:.2f}",
-                            div=len(kernel._divergences),
+                            acc=f"{diag['acceptance rate']:.2f}",
+                            div=len(diag["divergences"]),
                             refresh=False,
                         )
                     bar.update(1)
@@ -159,9 +162,12 @@ def _run_chains(post, make_kernel, method, warmup, draws, seeds, progress, init_
                 )
             finally:
                 bar.close()
-            div = [i for i in kernel._divergences if 0 <= i < draws]
+            # Pyro's public per-kernel diagnostics: divergent iterations (counted from the
+            # first draw) and the mean acceptance probability over the draws
+            diag = kernel.diagnostics()
+            div = [i for i in diag["divergences"] if 0 <= i < draws]
             diverging[c, div] = True
             step_sizes[c] = float(kernel.step_size)
-            accept[c] = float(kernel._mean_accept_prob)
+            accept[c] = float(diag["acceptance rate"])
             kernel.cleanup()
     return out, diverging, step_sizes, accept, None

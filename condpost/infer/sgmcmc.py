@@ -53,7 +53,7 @@ Per-step cost. The driver adds little to the update itself (``benchmarks/sgld_ov
 compares one chain with a hand-written PyTorch SGLD loop): the network runs with the
 chain's weights put straight into its parameter slots (``_fast_forward``; no
 ``functional_call`` bookkeeping per call), the minibatch-mean NLL of the built-in
-likelihoods is fused (``_mean_nll``), the localizer's gradient ``γ(w − w*)`` is added in
+likelihoods is fused (the likelihood's ``mean_nll``), the localizer's gradient ``γ(w − w*)`` is added in
 closed form, one chain is differentiated without ``vmap``, the ``w*`` half of the paired
 loss estimators is gathered from the per-sample ``ℓ_i(w*)`` computed once, the draws'
 independent-batch losses are evaluated per window in grouped vmapped forward passes, the
@@ -77,9 +77,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .._errors import SamplerWarning, warn
+from ..potential import Potential
 from .base import SampleResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -291,112 +291,26 @@ def _fast_forward(post: LocalPosterior) -> Callable:
     return fwd
 
 
-def _mean_nll(post: LocalPosterior) -> Callable:
-    """``f(output [m, ...], y) -> (1/m) Σ_i ℓ_i``, the minibatch-mean NLL ``L_B``.
-
-    Fused forms for the built-in likelihoods (fewer autograd nodes than the per-sample
-    ``likelihood.nll`` followed by a mean; the same value up to rounding):
-
-    * ``Gaussian(s)``, scalar ``s``: ``‖y − f‖²/(2 s² m) + k (log s + ½ log 2π)``, ``k``
-      outputs per sample;
-    * ``Categorical``: ``cross_entropy(f, y, reduction="sum")/m``.
-
-    Any other likelihood: ``likelihood.nll(output, y).mean()``. The fused form is checked
-    once against the general one at ``w*`` (relative 1e-5) and dropped if it differs.
-    A fused form that passes carries ``parts(out, y) -> (raw, scale, const)`` with
-    ``L_B = scale·raw + const`` (None where it does not apply), which the one-chain
-    gradient uses to seed its reverse pass with ``nβ·scale`` directly.
-    """
-    from ..likelihoods import Categorical, Gaussian
-
-    lik = post.likelihood
-
-    def general(out, y):
-        return lik.nll(out, y).mean()
-
-    fused = None
-    if type(lik) is Gaussian and isinstance(lik.scale, (int, float)):
-        s = float(lik.scale)
-        half_inv_s2 = 0.5 / (s * s)
-        log_norm = math.log(s) + 0.5 * math.log(2 * math.pi)
-
-        def fused(out, y):
-            m = out.shape[0]
-            k = out.numel() // max(m, 1)
-            # mse_loss: one kernel forward and one backward (no separate neg/square nodes)
-            if out.shape == y.shape:
-                sq = F.mse_loss(out, y.to(out.dtype), reduction="none").sum()
-            else:  # broadcasting; the check below keeps it only if it equals the general form
-                sq = (out - y).square().sum()
-            return sq * (half_inv_s2 / m) + k * log_norm
-
-        def parts(out, y):
-            m = out.shape[0]
-            if out.shape != y.shape or out.dtype != y.dtype:
-                return None
-            sq = F.mse_loss(out, y, reduction="sum")
-            return sq, half_inv_s2 / m, (out.numel() // max(m, 1)) * log_norm
-
-    elif type(lik) is Categorical and post.y.dtype == torch.long:
-
-        def fused(out, y):
-            flat = out.reshape(-1, out.shape[-1])
-            return F.cross_entropy(flat, y.reshape(-1), reduction="sum") / out.shape[0]
-
-        def parts(out, y):
-            flat = out.reshape(-1, out.shape[-1])
-            return F.cross_entropy(flat, y.reshape(-1), reduction="sum"), 1.0 / out.shape[0], 0.0
-
-    if fused is None:
-        return general
-    try:
-        with torch.no_grad():
-            x0, y0 = post.x[: min(8, post.n)], post.y[: min(8, post.n)]
-            out = post.lifted.forward(post.center, x0)
-            a, b = fused(out, y0), general(out, y0)
-            close = dict(rtol=1e-5, atol=1e-6 * (1 + abs(float(b))))
-            if not bool(torch.isclose(a, b, **close)):
-                return general
-            pr = parts(out, y0)
-            if pr is not None and bool(torch.isclose(pr[0] * pr[1] + pr[2], b, **close)):
-                fused.parts = parts  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001
-        return general
-    return fused
-
-
-def _potential_fns(
-    post: LocalPosterior,
-    *,
-    nbeta: float,
-    localization: float,
-    anchor: torch.Tensor,
-    vectorize: bool | str = "auto",
-    compile: bool = False,
-):
+def _potential_fns(pot: Potential, *, vectorize: bool | str = "auto", compile: bool = False):
     """Return ``f(W [C,d], XB [C,m,...], YB [C,m,...]) -> (grad [C,d], U [C], L_B [C])``.
 
-    ``U_B(w) = nβ L_B(w) + γ/2‖w − anchor‖² + Σ_c ρ_c D_c(w)``. Autograd differentiates
-    ``nβ L_B + Σ_c ρ_c D_c`` only; the localizer's gradient ``γ(w − anchor)`` is added in
-    closed form. Chains are vectorized with ``torch.func.vmap`` when the network allows it
-    (a per-chain loop otherwise); one chain runs without ``vmap``.
+    ``U_B(w) = nβ L_B(w) + γ/2‖w − w⁰‖² + Σ_c ρ_c D_c(w)``, from the ``Potential``:
+    autograd differentiates ``pot.data_terms`` (``nβ L_B + Σ_c ρ_c D_c``) only; the
+    localizer's gradient ``γ(w − w⁰)`` is added in closed form. Chains are vectorized with
+    ``torch.func.vmap`` when the network allows it (a per-chain loop otherwise); one
+    chain runs without ``vmap``. Without constraints, one chain seeds its reverse pass
+    through the likelihood's ``mean_nll_parts`` (no product node per step).
     """
     from torch.func import vmap
 
+    post = pot.post
     lik = post.likelihood
     bound = post.constraints
-    nb, gam = float(nbeta), float(localization)
+    nb, gam, anchor = pot.nbeta, pot.localization, pot.anchor
     forward = _fast_forward(post)
-    mean_nll = _mean_nll(post)
 
     def obj(w, xb, yb):
-        loss = mean_nll(forward(w, xb), yb)
-        u = nb * loss
-        if bound:
-            v = post.view(w)
-            for b in bound:
-                u = u + b.penalty(v)
-        return u, loss
+        return pot.data_terms(w, (xb, yb), forward)
 
     # Chains are independent, so ∇_W Σ_c U_c(W_c) stacks the per-chain gradients: one
     # reverse pass through the vmapped forward (cheaper than vmap(grad(...)) in eager mode).
@@ -407,7 +321,7 @@ def _potential_fns(
     # (no product node, no unit seed tensor per step)
     seed = torch.tensor(nb, dtype=post.dtype, device=post.device)
     seeds: dict[tuple, list] = {}
-    parts = getattr(mean_nll, "parts", None)
+    parts = lik.mean_nll_parts
 
     def with_grad(fn, W, XB, YB, potential=True):
         if W.shape[0] == 1:  # one chain: differentiate w.r.t. the unbatched vector
@@ -418,7 +332,7 @@ def _potential_fns(
                     (g,) = torch.autograd.grad(u, w)
                 else:
                     out = forward(w, XB[0])
-                    pr = parts(out, YB[0]) if parts is not None else None
+                    pr = parts(out, YB[0])
                     if pr is not None:  # L_B = scale·raw + const: seed the pass with nβ·scale
                         raw, sc, cst = pr
                         sd = seeds.get((sc, cst))
@@ -430,7 +344,7 @@ def _potential_fns(
                         (g,) = torch.autograd.grad(raw, w, sd[0])
                         loss = torch.add(sd[1], raw.detach(), alpha=sc)  # const + scale·raw
                     else:
-                        loss = mean_nll(out, YB[0])
+                        loss = lik.mean_nll(out, YB[0])
                         (g,) = torch.autograd.grad(loss, w, seed)
                     u = None
             diff = w.detach() - anchor
@@ -467,17 +381,9 @@ def _potential_fns(
     if compile:
         from torch.func import grad_and_value
 
-        lifted = post.lifted
-
         def u_full(w, xb, yb):
-            loss = lik.nll(lifted.forward(w, xb), yb).mean()
-            diff = w - anchor
-            u = nb * loss + 0.5 * gam * (diff * diff).sum()
-            if bound:
-                v = post.view(w)
-                for b in bound:
-                    u = u + b.penalty(v)
-            return u, loss
+            u, loss = pot.data_terms(w, (xb, yb))
+            return u + pot.localizer(w), loss
 
         compiled = torch.compile(vmap(grad_and_value(u_full, has_aux=True)), dynamic=False)
 
@@ -515,7 +421,7 @@ def _loss_fn(post: LocalPosterior, forward: Callable | None = None):
     from torch.func import vmap
 
     forward = post.lifted.forward if forward is None else forward
-    mean_nll = _mean_nll(post)
+    mean_nll = post.likelihood.mean_nll
 
     def one(w, xb, yb):
         return mean_nll(forward(w, xb), yb)
@@ -674,9 +580,7 @@ def make_kernel(
     friction: float = 0.1,
     alpha: float = 0.99,
     eps: float = 1e-8,
-    nbeta: float | None = None,
-    localization: float | None = None,
-    anchor: torch.Tensor | None = None,
+    potential: Potential | None = None,
     vectorize: bool | str = "auto",
     compile: bool = False,
 ) -> SGMCMCKernel:
@@ -697,9 +601,9 @@ def make_kernel(
         and the thermostat's starting value.
     alpha, eps : float
         RMSProp decay α (default 0.99) and stabiliser δ (default 1e-8).
-    nbeta, localization, anchor :
-        Overrides of nβ, γ and the localizer's centre (default: the posterior's). Used by
-        ``wbic`` (global prior centred at 0).
+    potential : Potential, optional
+        The potential to sample (default ``Potential(post)``); ``wbic`` passes one with
+        its own nβ, γ and a prior centred at 0.
     vectorize : {"auto", True, False}
         Vectorize chains with ``vmap`` ("auto": fall back to a loop if the network
         cannot be traced by vmap).
@@ -721,12 +625,15 @@ def make_kernel(
         raise ValueError(f"friction must lie in (0, 1]; got {friction!r}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha (RMSProp decay) must lie in (0, 1); got {alpha!r}")
-    nb = post.nbeta if nbeta is None else float(nbeta)
-    gam = post.localization if localization is None else float(localization)
-    anc = post.center if anchor is None else anchor.to(post.center)
-    pot = _potential_fns(
-        post, nbeta=nb, localization=gam, anchor=anc, vectorize=vectorize, compile=compile
-    )
+    if potential is None:
+        potential = Potential(post)
+    elif not isinstance(potential, Potential) or potential.post is not post:
+        raise TypeError(
+            "potential= must be a condpost.Potential built on this posterior "
+            "(Potential(post, nbeta=..., localization=..., anchor=...))"
+        )
+    nb, gam = potential.nbeta, potential.localization
+    pot = _potential_fns(potential, vectorize=vectorize, compile=compile)
     draw_batch = _batch_drawer(post, batch_size)
     streams = _Streams(post.device)
     center = post.center
@@ -937,7 +844,7 @@ def run_sgmcmc(
     compile: bool = False,
     callback: Callable | None = None,
     num_threads: int | None = None,
-    _prior: dict | None = None,
+    potential: Potential | None = None,
 ) -> SampleResult:
     """Run vectorized SG-MCMC chains from ``w*`` and return a ``SampleResult``.
 
@@ -1013,6 +920,10 @@ def run_sgmcmc(
         (the store keeps its last checkpoint).
     num_threads : int, optional
         torch intra-op threads while sampling.
+    potential : Potential, optional
+        Sample this potential instead of the declaration's (``wbic`` passes one with a
+        global prior). Its nβ, γ and centre are recorded in ``settings["global_prior"]``
+        when they differ from the declaration's; λ̂ is then refused.
     """
     from ..store import RunStore
 
@@ -1039,7 +950,6 @@ def run_sgmcmc(
     if resume and store is None:
         raise ValueError("resume=True needs store=<path> of the interrupted run")
     thin, loss_every = int(thin), int(loss_every)
-    prior = dict(_prior or {})
     kernel = make_kernel(
         post,
         method,
@@ -1048,9 +958,7 @@ def run_sgmcmc(
         friction=friction,
         alpha=alpha,
         eps=eps,
-        nbeta=prior.get("nbeta"),
-        localization=prior.get("localization"),
-        anchor=prior.get("anchor"),
+        potential=potential,
         vectorize=vectorize,
         compile=compile,
     )
@@ -1087,8 +995,13 @@ def run_sgmcmc(
         "keep_draws": bool(keep_draws),
         "num_threads": num_threads,
     }
-    if prior:
-        settings["global_prior"] = {k: v for k, v in prior.items() if k != "anchor"}
+    if potential is not None and potential.global_prior:
+        settings["global_prior"] = {
+            "nbeta": potential.nbeta,
+            "localization": potential.localization,
+            "prior_scale": potential.localization**-0.5,
+            "centre_norm": float(potential.anchor.norm()),
+        }
     identity = {
         k: settings[k]
         for k in (
@@ -1175,8 +1088,8 @@ def run_sgmcmc(
     nll_center = _center_nll(post) if loss in ("independent", "gradient") else None
     # E‖w − w*‖² is about d/γ when the localizer alone confines the draws; 10⁴ times that
     # means the chain has blown up even if the numbers are still finite
-    blowup = 1e4 * post.d / float(prior.get("localization") or post.localization)
-    if prior.get("anchor") is not None:
+    blowup = 1e4 * post.d / float(kernel.settings["localization_used"])
+    if potential is not None and potential.global_prior:
         blowup = float("inf")
     total_steps = warmup + draws * thin
     from tqdm.auto import tqdm
