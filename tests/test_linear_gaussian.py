@@ -163,13 +163,21 @@ def test_nuts_high_ess_matches_theory_reference_accuracy():
     assert rel <= 0.025, rel
 
 
-@pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
-def test_mala_matches_exact_posterior(constrained):
+@pytest.mark.parametrize(
+    "constrained,metric",
+    [(False, "diagonal"), (True, "diagonal"), (True, "identity")],
+    ids=["unconstrained", "constrained", "constrained-identity"],
+)
+def test_mala_matches_exact_posterior(constrained, metric):
     """MALA, added through the sampler contract (its kernel module and one registry line),
-    against the closed form, with and without constraints."""
+    against the closed form, with and without constraints, with the adapted diagonal
+    metric (exact for any fixed metric) and without."""
     prob = make_problem(seed=1, perturb=0.05)
     net, post = _declare(prob, constrained)
-    ref = post.sample("mala", chains=16, warmup=500, draws=3000, thin=2, seed=5, progress=False)
+    ref = post.sample(
+        "mala", chains=16, warmup=500, draws=3000, thin=2, seed=5, progress=False, metric=metric
+    )
+    assert ref.settings["metric"] == metric
     acc = ref.stat("sampler/accept_prob").mean()
     assert 0.45 < acc < 0.7, acc  # dual averaging reached its 0.574 target
     check_exact_posterior(prob, ref)
