@@ -789,22 +789,100 @@ class ReferenceClass:
         return PreservationReport(rows, msgs)
 
     # ------------------------------------------------------------------ export
-    def to_arviz(self):
-        """An ``arviz.InferenceData`` with the weights, ``L_n``, defects and divergences."""
+    def to_arviz(self, *, log_likelihood: bool | str = "auto", max_values: int = 50_000_000):
+        """An ``arviz.InferenceData`` with the weights, ``L_n``, defects and divergences.
+
+        Groups:
+
+        * ``posterior``: the lifted parameters by name, ``[chain, draw, *shape]``;
+        * ``sample_stats``: ``diverging``, ``loss`` (``L_n``), ``virial`` and one
+          ``defect[<name>]`` per constraint (``D_c`` at each draw);
+        * ``log_likelihood`` (variable ``"y"``, ``[chain, draw, n]``): the per-sample
+          log-likelihood ``−ℓ_i(w)`` of each training sample at each draw, so that
+          ``az.loo(idata)`` and ``az.waic(idata)`` run. It is computed in torch through
+          the one batching helper (``condpost._batching.batched``), a chunk of draws at a
+          time, and needs the declaration attached and the draws kept.
+
+        ``log_likelihood="auto"`` (default) adds the group when the likelihood is a
+        normalized density (``Categorical``, ``Gaussian``, ``Bernoulli``), the declaration
+        is attached, the draws were kept and ``chains·draws·n ≤ max_values``; ``True``
+        requires it (an error says what is missing; a ``CustomNLL`` is then taken as a
+        normalized negative log density); ``False`` skips it.
+
+        Note that the draws come from the *tempered*, localized (and conditioned)
+        posterior: LOO and WAIC computed from them describe the predictive of that
+        reference class, not of the Bayesian posterior at β = 1.
+        """
         import arviz as az
 
         posterior = dict(self.weights())
         stats = {"diverging": self.diverging, "loss": self.loss()}
+        if "virial" in self._stats:
+            stats["virial"] = self._stats["virial"]
         for nm, v in self.defects().items():
             stats[f"defect[{nm}]"] = v
         attrs = {
             "nbeta": self.nbeta,
             "localization": self.localization,
-            "condpost_metadata": json.dumps(self._metadata()),
+            "condpost_metadata": json.dumps(self._metadata(), default=_json_default),
         }
-        idata = az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
+        groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats}
+        ll = self._log_likelihood_values(log_likelihood, max_values)
+        if ll is not None:
+            groups["log_likelihood"] = {"y": ll}
+            groups["dims"] = {"y": ["obs"]}
+        idata = az.from_dict(**groups, attrs=attrs)
         idata.posterior.attrs.update(attrs)
         return idata
+
+    def log_likelihood(self, *, chunk: int = 64) -> np.ndarray:
+        """``log p(y_i | x_i, w) = −ℓ_i(w)`` for every draw and training sample, ``[chain, draw, n]``.
+
+        Evaluated in torch with the declaration's likelihood, batched over draws
+        (``condpost._batching.batched``: vmap, else a loop), ``chunk`` draws at a time.
+        """
+        from ._batching import batched
+
+        post = self._need_posterior("log_likelihood()")
+        draws = self._need_draws("log_likelihood()")
+        W = torch.as_tensor(
+            np.asarray(draws).reshape(-1, self.d), dtype=post.dtype, device=post.device
+        )
+        x, y, lik = post.x, post.y, post.likelihood
+
+        def one(w):
+            return -lik.nll(post.lifted.forward(w, x), y)
+
+        fn = batched(one, f"log-likelihood ({type(post.lifted.net).__name__})")
+        with torch.no_grad():
+            parts = [fn(W[i : i + chunk]).detach() for i in range(0, W.shape[0], chunk)]
+        out = torch.cat(parts) if parts else torch.zeros(0, post.n)
+        return out.cpu().numpy().reshape(self.chains, self.num_draws, post.n)
+
+    def _log_likelihood_values(self, mode, max_values: int) -> np.ndarray | None:
+        if mode is False or mode is None:
+            return None
+        if mode not in (True, "auto"):
+            raise ValueError(f"log_likelihood must be True, False or 'auto'; got {mode!r}")
+        required = mode is True
+        name = self.config.get("likelihood", {}).get("name")
+        why = None
+        if self.posterior is None:
+            why = "the declaration is not attached (ReferenceClass.load(..., posterior=post))"
+        elif self._draws is None:
+            why = "the draws were not kept (keep_draws=False)"
+        elif name not in ("categorical", "gaussian", "bernoulli") and not required:
+            why = f"the likelihood {name!r} is not known to be a normalized density"
+        elif self.chains * self.num_draws * int(self.config["n"]) > max_values and not required:
+            why = (
+                f"chains·draws·n = {self.chains * self.num_draws * int(self.config['n']):,} "
+                f"values exceed max_values={max_values:,}"
+            )
+        if why is None:
+            return self.log_likelihood()
+        if required:
+            raise RuntimeError(f"to_arviz(log_likelihood=True): {why}")
+        return None
 
     def _metadata(self) -> dict:
         return {
