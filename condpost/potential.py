@@ -67,16 +67,21 @@ class Potential:
         The localizer is left out: samplers add its gradient in closed form. ``forward``
         replaces ``lifted.forward`` (same values; SG-MCMC passes a cheaper one).
         """
-        post = self.post
         xb, yb = batch
+        loss = self._batch_loss(w, xb, yb, forward)
+        return sum(self._penalties(w).values(), self.nbeta * loss), loss
+
+    def _batch_loss(self, w, xb, yb, forward=None):
+        post = self.post
         fwd = post.lifted.forward if forward is None else forward
-        loss = post.likelihood.mean_nll(fwd(w, xb), yb)
-        u = self.nbeta * loss
-        if post.constraints:
-            v = post.view(w)
-            for b in post.constraints:
-                u = u + b.penalty(v)
-        return u, loss
+        return post.likelihood.mean_nll(fwd(w, xb), yb)
+
+    def _penalties(self, w) -> dict[str, torch.Tensor]:
+        post = self.post
+        if not post.constraints:
+            return {}
+        v = post.view(w)
+        return {f"constraint/{b.name}": b.penalty(v) for b in post.constraints}
 
     def terms(self, w: torch.Tensor, batch=None) -> dict[str, torch.Tensor]:
         """Per-term breakdown at one ``w``: ``loss`` (nβ·L_n, or nβ·L_B on ``batch``),
@@ -86,14 +91,8 @@ class Potential:
             if self.nbeta != self.post.nbeta:
                 t["loss"] = t["loss"] * (self.nbeta / self.post.nbeta)
         else:
-            xb, yb = batch
-            post = self.post
-            t = {"loss": self.nbeta * post.likelihood.mean_nll(post.lifted.forward(w, xb), yb)}
-            t["localizer"] = None
-            if post.constraints:
-                v = post.view(w)
-                for b in post.constraints:
-                    t[f"constraint/{b.name}"] = b.penalty(v)
+            t = {"loss": self.nbeta * self._batch_loss(w, *batch), "localizer": None}
+            t.update(self._penalties(w))
         if batch is not None or self.global_prior:
             t["localizer"] = self.localizer(w)
         return t
