@@ -56,6 +56,7 @@ SGMCMC = ("sgld", "rmsprop_sgld", "sghmc", "sgnht")
 #: the options ``draws="auto"`` adds to ``post.sample`` (a driver pops these before the
 #: runner sees the rest)
 AUTO_OPTIONS = (
+    "calibrate",
     "rtol",
     "atol",
     "max_draws",
@@ -181,7 +182,7 @@ def _next_draws(S: int, discard: int, crit: dict, lam: LLC, max_draws: int) -> i
     return int(min(max(new, S + 1), max_draws))
 
 
-def _resolve_step(post, method, options, seed, progress):
+def _resolve_step(post, method, options, seed, progress, calibrate=None):
     st = options.get("step_size")
     if isinstance(st, str) and st.lower() == "auto":
         try:
@@ -190,7 +191,9 @@ def _resolve_step(post, method, options, seed, progress):
             raise ValueError(
                 "step_size='auto' needs condpost.stepsize.resolve_step_size; pass a number"
             ) from None
-        out = resolve_step_size(post, method, options, seed=seed, progress=progress)
+        out = resolve_step_size(
+            post, method, options, seed=seed, progress=progress, **dict(calibrate or {})
+        )
         return out, {"step_size": float(out["step_size"]), "step_size_from": "calibrate_step_size"}
     return dict(options), {}
 
@@ -214,6 +217,7 @@ def sample_auto_result(
     estimator: str | None = None,
     store: str | Path | None = None,
     warn_user: bool = True,
+    calibrate: dict | None = None,
     **options,
 ) -> SampleResult:
     """``draws="auto"`` as the driver sees it: the rounds, returning a ``SampleResult``.
@@ -252,7 +256,7 @@ def sample_auto_result(
             "draws='auto' manages resume itself; to extend a stored run pass store=<path> "
             "of a new run, or call post.sample(..., store=<path>, resume=True, draws=N)"
         )
-    options, step_info = _resolve_step(post, method, options, seed, progress)
+    options, step_info = _resolve_step(post, method, options, seed, progress, calibrate)
     if options.get("step_size") is None:
         raise TypeError(
             f"{method} needs step_size=... with draws='auto': a number, or 'auto' "
@@ -427,6 +431,9 @@ def sample_auto(post: LocalPosterior, method: str = "sgld", **kwargs) -> Referen
         the end, with the result in memory.
     warn_user : bool
         Warn when the run ended without meeting the criteria.
+    calibrate : dict, optional
+        With ``step_size="auto"``: keywords for ``calibrate_step_size`` (``steps``,
+        ``chains``, ``tolerance``, ...).
     **options
         The sampler's options (``step_size`` (a number or ``"auto"``), ``batch_size``,
         ``thin``, ``keep_draws``, ``loss``, ...).
@@ -483,6 +490,7 @@ def estimate_llc(
         fields = {f: getattr(lam, f) for f in LLC.__dataclass_fields__}
         fields["run"] = rep
         return LLC(**fields)
+    calibrate = kwargs.pop("calibrate", None)
     for k in AUTO_OPTIONS:
         if k in kwargs and k != "estimator":
             raise ValueError(f"{k}= applies to draws='auto' only; got draws={draws!r}")
@@ -493,6 +501,7 @@ def estimate_llc(
         {"step_size": step_size, **kwargs},
         kwargs.get("seed", 0),
         kwargs.get("progress", False),
+        calibrate,
     )
     kwargs.setdefault("progress", False)
     kwargs.pop("step_size", None)
