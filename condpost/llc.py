@@ -144,7 +144,8 @@ def llc_from_losses(
         )
         if warn_negative:
             warn("λ̂ from SVI draws: " + notes[-1], SamplerWarning)
-    if mean < 0 and warn_negative:
+    sat = saturation_message(mean, loss_center, nbeta, d)
+    if mean < 0 and warn_negative and sat is None:
         gap = d / (2 * nbeta)
         warn(
             f"λ̂ = {mean:.4g} is negative, which is never a valid complexity. The draws have "
@@ -154,7 +155,6 @@ def llc_from_losses(
             f"full-batch optimisation steps, increase localization, or lower nβ.",
             SamplerWarning,
         )
-    sat = saturation_message(mean, loss_center, nbeta, d)
     if sat is not None:
         notes.append(sat)
         if warn_negative:
@@ -294,7 +294,8 @@ def llc_sgmcmc(
         notes.append(f"the first {discard} kept draws of every chain are left out")
     msgs = []
     L = np.asarray(losses, dtype=np.float64)
-    if res.mean < 0:
+    sat = saturation_message(res.mean, config["loss_center"], nbeta, ref.d)
+    if res.mean < 0 and sat is None:
         msgs.append(
             f"λ̂ = {res.mean:.4g} is negative, which is never a valid complexity: the chains "
             f"found lower loss than w*. w* is not a local minimum of L_n (E[λ̂] = d/2 − "
@@ -364,7 +365,6 @@ def llc_sgmcmc(
             f"the centre check found w* away from a minimum: in the local quadratic model λ̂ "
             f"is lowered by about {-shift:.3g} (docs/theory.md §4.2). Refine w* before trusting λ̂."
         )
-    sat = saturation_message(res.mean, config["loss_center"], nbeta, ref.d)
     if sat is not None:
         msgs.append(sat)
     if warn_user:
