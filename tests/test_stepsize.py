@@ -81,7 +81,15 @@ def test_regular_model_recommended_step_gives_llc_within_3_percent():
     prob, post = _regular()
     exact = prob.expected_nbeta_dL()
     cal = calibrate_step_size(
-        post, "sgld", chains=32, steps=600, rungs=7, batch_size=100, seed=1, progress=False
+        post,
+        "sgld",
+        chains=48,
+        steps=800,
+        rungs=8,
+        batch_size=100,
+        seed=1,
+        progress=False,
+        accept_proxy=False,
     )
     assert cal.qualified, str(cal)
     eps = cal.recommended
@@ -90,9 +98,9 @@ def test_regular_model_recommended_step_gives_llc_within_3_percent():
     assert 2e-5 <= eps <= 4e-4, str(cal)
     ref = post.sample(
         "sgld",
-        chains=16,
+        chains=64,
         warmup=2000,
-        draws=1500,
+        draws=2000,
         thin=4,
         step_size=eps,
         batch_size=100,
@@ -100,7 +108,7 @@ def test_regular_model_recommended_step_gives_llc_within_3_percent():
         progress=False,
     )
     lam = ref.llc(warn_user=False)
-    assert lam.stderr < 0.01 * exact  # the 3% band is not MC noise
+    assert lam.stderr < 0.012 * exact  # the 3% band is ≥ 2.5 MC s.e.
     assert abs(lam.mean - exact) <= 0.03 * exact, (lam.mean, lam.stderr, exact, eps)
     assert abs(lam.mean - 3.0) <= 0.03 * 3.0
     assert any("recommended" in line for line in cal.reasoning)
@@ -122,8 +130,8 @@ def test_falls_back_to_the_smallest_healthy_step_with_a_warning():
 def test_all_diverged_still_answers():
     _, post = _regular()
     with pytest.warns(cp.SamplerWarning, match="no step size met"):
-        res = calibrate_step_size(post, "sgld", [0.5, 1.0], chains=2, steps=40, progress=False)
-    assert res.recommended == 0.5 and not res.qualified
+        res = calibrate_step_size(post, "sgld", [1.0, 2.0], chains=2, steps=200, progress=False)
+    assert res.recommended == 1.0 and not res.qualified
     assert all(r["status"].startswith("diverged") for r in res.rows)
     assert "Every step size diverged" in res.reasoning[-1]
 
