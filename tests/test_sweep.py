@@ -277,3 +277,44 @@ def test_nbeta_sweep_with_nuts_matches_closed_form():
     beta = np.linalg.solve(X.T @ (w[:, None] * X), X.T @ (w * exact))
     sl = res.slope("mi")
     assert abs(sl.value - beta[1]) <= 4 * sl.stderr, (sl.value, beta[1], sl.stderr)
+
+
+def test_plot_one_unit_per_axis():
+    """Accuracy, binding, virial and MI never share an axis: one panel per unit, each
+    labelled with its unit, and plot returns the Axes."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    res = SweepResult(
+        knob="nbeta",
+        values=[10.0, 100.0, 1000.0],
+        observables={
+            "mi": [(0.1, 0.01), (0.2, 0.01), (0.3, 0.02)],
+            "mi_channel": [(0.1, 0.01), (0.25, 0.01), (0.35, 0.02)],
+            "accuracy": [(0.9, float("nan")), (0.95, float("nan")), (0.99, float("nan"))],
+            "binding": [(0.1, 0.01), (0.2, 0.01), (0.3, 0.01)],
+            "virial": [(1.0, 0.01), (1.01, 0.01), (0.99, 0.01)],
+        },
+        results={},
+        settings=[{}, {}, {}],
+    )
+    axes = res.plot()
+    assert isinstance(axes, list) and len(axes) == 4
+    labels = [a.get_ylabel() for a in axes]
+    assert labels == ["nats", "fraction (accuracy)", "binding ratio", "virial ratio"]
+    assert len(axes[0].containers) == 2 and all(len(a.containers) == 1 for a in axes[1:])
+    assert all(a.get_xscale() == "log" for a in axes)
+    assert axes[-1].get_xlabel() == "nβ"
+    # one unit: a single Axes; an override puts an observable on its own axis
+    ax = res.plot(names=["mi", "mi_channel"])
+    assert ax.get_ylabel() == "nats" and len(ax.containers) == 2
+    axes = res.plot(names=["mi", "mi_channel"], units={"mi_channel": "nats (channel)"})
+    assert [a.get_ylabel() for a in axes] == ["nats", "nats (channel)"]
+    # axes passed in: one per unit
+    import matplotlib.pyplot as plt
+
+    _, given = plt.subplots(1, 2)
+    out = res.plot(ax=given, names=["accuracy", "virial"])
+    assert list(out) == list(given)
+    with pytest.raises(ValueError, match="one Axes per unit"):
+        res.plot(ax=given[0], names=["accuracy", "virial"])
+    plt.close("all")
