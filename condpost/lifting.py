@@ -14,11 +14,20 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ._errors import check_finite, match_patterns, nearest
+from .models import (
+    as_index,
+    format_index,
+    module_output,
+    network_kind,
+    parse_index,
+    replace_output,
+    split_indexed,
+)
+from .models import call as _call_network
 
-__all__ = ["LiftedNetwork", "resolve_sites", "capture_hooks"]
+__all__ = ["LiftedNetwork", "resolve_sites", "capture_hooks", "site_module"]
 
 _STOCHASTIC_IN_TRAINING = (
     nn.modules.dropout._DropoutNd,
@@ -28,8 +37,38 @@ _STOCHASTIC_IN_TRAINING = (
 )
 
 
+def _site_module(modules: Mapping[str, nn.Module], s: str) -> tuple[str, tuple | None]:
+    """``(module path, index or None)`` of a site; ``None`` path when it names no module."""
+    if s in modules:
+        return s, None
+    base, idx = split_indexed(s)
+    if idx is None or base not in modules:
+        return None, None
+    index = parse_index(idx)
+    if not index or not (index[0] == slice(None) or index[0] is Ellipsis):
+        raise ValueError(
+            f"site {s!r}: the first axis of an activation is the batch of inputs, and a "
+            f"selection must keep it: start the index with ':' (e.g. '{base}[:, -1, 1]' is "
+            f"the last position and index 1 of the third axis for every input)."
+        )
+    return base, index
+
+
+def site_module(net: nn.Module, site: str) -> str:
+    """The module path behind a site (the site without its index suffix)."""
+    base, _ = _site_module(dict(net.named_modules()), site)
+    if base is None:
+        resolve_sites(net, [site])
+    return base
+
+
 def resolve_sites(net: nn.Module, sites: str | Sequence[str], argname: str = "sites") -> list[str]:
-    """Validate site names (module paths; "" is the root, i.e. the output) and return a list."""
+    """Validate site names and return a list.
+
+    A site is a module path (``""`` is the root, i.e. the output), optionally with a
+    NumPy-style selection that keeps the batch axis: ``"blocks.0.attn.hook_z[:, -1, 1]"``.
+    TransformerLens hook points are modules, so hook names are module paths.
+    """
     if isinstance(sites, str):
         sites = [sites]
     modules = dict(net.named_modules())
@@ -38,63 +77,110 @@ def resolve_sites(net: nn.Module, sites: str | Sequence[str], argname: str = "si
     for s in sites:
         if not isinstance(s, str):
             raise TypeError(f"{argname} must be module paths (str); got {type(s).__name__}")
-        if s not in modules:
+        base, _ = _site_module(modules, s)
+        if base is None:
+            stem = split_indexed(s)[0]
+            hooks = [n for n in names if n.rsplit(".", 1)[-1].startswith("hook_")]
+            extra = (
+                f" This is a TransformerLens model: its sites are hook names such as {hooks[:3]}."
+                if hooks and network_kind(net) == "transformerlens"
+                else ""
+            )
             raise ValueError(
                 f"{argname}: {s!r} is not a module path of this network. Nearest sites: "
-                f"{nearest(s, names)}. A site is a name from `net.named_modules()`, and its "
-                f"activation is that module's output ('' is the whole network's output)."
+                f"{nearest(stem, names)}. A site is a name from `net.named_modules()`, and its "
+                f"activation is that module's output ('' is the whole network's output); a "
+                f"selection may follow in brackets, e.g. 'name[:, -1, 1]'.{extra}"
             )
         out.append(s)
     return out
 
 
+def _select(t: torch.Tensor, index: tuple | None, site: str) -> torch.Tensor:
+    if index is None:
+        return t
+    try:
+        return t[index]
+    except IndexError as e:
+        raise ValueError(
+            f"site {site!r}: the selection does not fit the activation of shape "
+            f"{tuple(t.shape)}: {e}"
+        ) from None
+
+
 @contextlib.contextmanager
 def capture_hooks(net: nn.Module, sites: Sequence[str], store: dict) -> Iterator[dict]:
-    """Temporarily register forward hooks recording each site's output into ``store``."""
+    """Temporarily register forward hooks recording each site's output into ``store``.
+
+    Hugging Face modules that return tuples give their hidden state (the first element);
+    a site's index suffix selects part of the activation.
+    """
     modules = dict(net.named_modules())
+    kind = network_kind(net)
     handles = []
 
-    def make_hook(site: str):
+    def make_hook(site: str, index):
         def hook(module, inputs, output):
+            output = module_output(output, kind)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(
                     f"site {site!r} ({type(module).__name__}) returned a "
                     f"{type(output).__name__}, not a tensor; choose a submodule whose output "
                     f"is a single tensor (e.g. wrap the tuple-returning module or hook a child)."
                 )
-            store[site] = output
+            store[site] = _select(output, index, site)
 
         return hook
 
     try:
         for s in sites:
-            handles.append(modules[s].register_forward_hook(make_hook(s)))
+            base, index = _site_module(modules, s)
+            handles.append(modules[base].register_forward_hook(make_hook(s, index)))
         yield store
     finally:
         for h in handles:
             h.remove()
 
 
+def _put(output: torch.Tensor, index: tuple, value: torch.Tensor, site: str) -> torch.Tensor:
+    """``output`` with ``output[index]`` replaced by ``value``, out of place (vmap-safe)."""
+    pos = _select(
+        torch.arange(output.numel(), device=output.device).reshape(output.shape), index, site
+    )
+    if tuple(pos.shape) != tuple(value.shape):
+        raise ValueError(
+            f"patched activation for site {site!r} has shape {tuple(value.shape)}; the "
+            f"selection has shape {tuple(pos.shape)}"
+        )
+    flat = output.reshape(-1).scatter(0, pos.reshape(-1), value.reshape(-1).to(output.dtype))
+    return flat.reshape(output.shape)
+
+
 @contextlib.contextmanager
 def _replace_hooks(net: nn.Module, replace: Mapping[str, torch.Tensor], fired: dict):
     modules = dict(net.named_modules())
+    kind = network_kind(net)
     handles = []
 
-    def make(site, value):
+    def make(site, value, index):
         def hook(module, inputs, output):
             fired[site] = fired.get(site, 0) + 1
-            if isinstance(output, torch.Tensor) and output.shape != value.shape:
+            out = module_output(output, kind)
+            if index is not None:
+                return replace_output(output, _put(out, index, value, site), kind)
+            if isinstance(out, torch.Tensor) and out.shape != value.shape:
                 raise ValueError(
                     f"patched activation for site {site!r} has shape {tuple(value.shape)}; the "
-                    f"module outputs {tuple(output.shape)}"
+                    f"module outputs {tuple(out.shape)}"
                 )
-            return value
+            return replace_output(output, value, kind)
 
         return hook
 
     try:
         for s, v in replace.items():
-            handles.append(modules[s].register_forward_hook(make(s, v)))
+            base, index = _site_module(modules, s)
+            handles.append(modules[base].register_forward_hook(make(s, v, index)))
         yield
     finally:
         for h in handles:
@@ -145,10 +231,12 @@ class LiftedNetwork:
         if not all_params:
             raise ValueError("net has no parameters to lift")
         names_all = list(all_params)
-        selected = match_patterns(include, names_all, "include")
+        self.kind = network_kind(net)
+        chosen = _selection(include, names_all)  # {param: None (whole) or [index, ...]}
         if exclude is not None:
             excluded = set(match_patterns(exclude, names_all, "exclude"))
-            selected = [n for n in selected if n not in excluded]
+            chosen = {n: v for n, v in chosen.items() if n not in excluded}
+        selected = [n for n in names_all if n in chosen]
         # only floating parameters have a density to sample: integer (or bool/complex)
         # ones stay constants at w*, and naming one explicitly is an error
         nonfloat = [n for n in selected if not all_params[n].is_floating_point()]
@@ -185,40 +273,123 @@ class LiftedNetwork:
         self.net = net
         self.dtype = dtype
         self.device = next(iter(all_params.values())).device
-        self.names: list[str] = selected
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().clone()
+            return t.to(dtype) if t.is_floating_point() else t
+
+        # the lifted vector is a list of pieces: a whole parameter (its name) or a slice
+        # of one ("blocks.0.attn.W_Q[1]"); a sliced parameter's other entries stay at w*
+        self.names: list[str] = []
+        self.shapes: list[torch.Size] = []
+        self.param_of: dict[str, str] = {}
+        self.index_of: dict[str, tuple | None] = {}
+        self.bases: dict[str, torch.Tensor] = {}  # sliced parameters at w* (full tensors)
+        self._positions: dict[str, torch.Tensor] = {}  # piece -> flat positions [*shape]
+        self._gather: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+        for n in selected:
+            p = all_params[n]
+            if chosen[n] is None:
+                self.names.append(n)
+                self.shapes.append(p.shape)
+                self.param_of[n], self.index_of[n] = n, None
+                continue
+            grid = torch.arange(p.numel(), device=self.device).reshape(p.shape)
+            used = torch.zeros(p.numel(), dtype=torch.bool, device=self.device)
+            pieces = []
+            for idx in chosen[n]:
+                piece = f"{n}[{format_index(idx)}]"
+                try:
+                    pos = grid[idx]
+                except (IndexError, TypeError) as e:
+                    raise ValueError(
+                        f"include: the index [{format_index(idx)}] does not fit parameter "
+                        f"{n!r} of shape {tuple(p.shape)}: {e}"
+                    ) from None
+                if pos.numel() == 0:
+                    raise ValueError(f"include: {piece!r} selects no entry of {n!r}")
+                flat = pos.reshape(-1)
+                if bool(used[flat].any()) or flat.unique().numel() != flat.numel():
+                    raise ValueError(
+                        f"include: {piece!r} selects entries of {n!r} that are already "
+                        f"selected; each entry can be lifted once"
+                    )
+                used[flat] = True
+                pieces.append(piece)
+                self.names.append(piece)
+                self.shapes.append(pos.shape)
+                self.param_of[piece], self.index_of[piece] = n, idx
+                self._positions[piece] = pos
+            base = copy(p)
+            self.bases[n] = base
+            rest = torch.nonzero(~used).reshape(-1)
+            order = torch.cat([rest] + [self._positions[q].reshape(-1) for q in pieces])
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=self.device)
+            # full.reshape(-1) = cat([base at the unlifted entries, piece values...])[inverse]
+            self._gather[n] = (pieces, base.reshape(-1)[rest], inverse)
         self.all_names: list[str] = names_all
-        self.shapes: list[torch.Size] = [all_params[n].shape for n in selected]
-        self.numels: list[int] = [all_params[n].numel() for n in selected]
+        self.numels: list[int] = [int(torch.Size(s).numel()) for s in self.shapes]
         self.offsets: list[int] = []
         off = 0
         for k in self.numels:
             self.offsets.append(off)
             off += k
         self.d = off
-
-        def copy(t: torch.Tensor) -> torch.Tensor:
-            t = t.detach().clone()
-            return t.to(dtype) if t.is_floating_point() else t
+        self.include_spec = _include_spec(include)
 
         self.frozen: dict[str, torch.Tensor] = {
             n: copy(p) for n, p in all_params.items() if n not in selected
         }
         self.frozen.update({n: copy(b) for n, b in net.named_buffers()})
+        buffers = {n for n, _ in net.named_buffers()}
         for n, t in self.frozen.items():
+            if n in buffers and self.kind != "torch" and t.is_floating_point():
+                # TransformerLens and HF keep -inf masks (IGNORE) as buffers: NaN only
+                if bool(torch.isnan(t).any()):
+                    raise ValueError(f"net buffer {n!r} contains NaN")
+                continue
             check_finite(t, f"net parameter/buffer {n!r}")
+        for n, t in self.bases.items():
+            check_finite(t, f"net parameter {n!r}")
+
+        def piece_of(t: torch.Tensor, piece: str) -> torch.Tensor:
+            if piece in self._positions:
+                return t.reshape(-1)[self._positions[piece].to(t.device)]
+            return t
 
         if center is None:
-            flat = torch.cat([all_params[n].detach().reshape(-1).to(dtype) for n in selected])
+            flat = torch.cat(
+                [
+                    piece_of(all_params[self.param_of[q]].detach(), q).reshape(-1).to(dtype)
+                    for q in self.names
+                ]
+            )
         elif isinstance(center, Mapping):
-            missing = [n for n in selected if n not in center]
+            parts = []
+            missing = []
+            for q, shp in zip(self.names, self.shapes, strict=True):
+                par = self.param_of[q]
+                full = all_params[par].shape
+                if q in center:
+                    c = torch.as_tensor(center[q])
+                    if c.shape != shp and q != par and c.shape == full:
+                        c = piece_of(c, q)
+                elif par in center:  # a full parameter for a sliced piece
+                    c = torch.as_tensor(center[par])
+                    if c.shape != full:
+                        raise ValueError(
+                            f"center[{par!r}] has shape {tuple(c.shape)}; expected {tuple(full)}"
+                        )
+                    c = piece_of(c, q)
+                else:
+                    missing.append(q)
+                    continue
+                if c.shape != shp:
+                    raise ValueError(f"center[{q!r}] has shape {tuple(c.shape)}; expected {shp}")
+                parts.append(c.detach().reshape(-1).to(dtype))
             if missing:
                 raise ValueError(f"center is missing lifted parameters {missing}")
-            parts = []
-            for n, shp in zip(selected, self.shapes, strict=True):
-                c = torch.as_tensor(center[n])
-                if c.shape != shp:
-                    raise ValueError(f"center[{n!r}] has shape {tuple(c.shape)}; expected {shp}")
-                parts.append(c.detach().reshape(-1).to(dtype))
             flat = torch.cat(parts)
         else:
             flat = torch.as_tensor(center).detach().to(dtype).reshape(-1)
@@ -300,9 +471,40 @@ class LiftedNetwork:
         return slice(self.offsets[i], self.offsets[i] + self.numels[i])
 
     def full_params(self, lifted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer by name: frozen ones, lifted ones, sliced ones filled in.
+
+        A sliced parameter is rebuilt by one gather from its unlifted entries at ``w*`` and
+        the lifted pieces (a piece missing from ``lifted`` is taken at ``w*``), so the
+        result is differentiable in the pieces and batches under ``vmap``.
+        """
         out = dict(self.frozen)
-        out.update(lifted)
+        if not self._gather:
+            out.update(lifted)
+            return out
+        for k, v in lifted.items():
+            if k not in self._positions:
+                out[k] = v
+        for par, (pieces, rest, inverse) in self._gather.items():
+            vals = [rest]
+            for q in pieces:
+                v = lifted.get(q)
+                if v is None:
+                    v = self.bases[par].reshape(-1)[self._positions[q].reshape(-1)]
+                vals.append(
+                    v.reshape(-1).to(rest.dtype) if v.dtype != rest.dtype else v.reshape(-1)
+                )
+            out[par] = torch.cat(vals)[inverse].reshape(self.bases[par].shape)
         return out
+
+    def full_named(self, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every parameter by name (full tensors) at the flat weights ``w`` (default ``w*``).
+
+        A ``{name: tensor}`` mapping that ``LiftedNetwork(..., center=...)`` accepts for any
+        selection of the same network, sliced or whole.
+        """
+        w = self.center if w is None else w
+        full = self.full_params(self.unflatten(w))
+        return {n: full[n] for n in self.all_names if n in full}
 
     # ------------------------------------------------------------------ forward
     def call(
@@ -332,7 +534,7 @@ class LiftedNetwork:
                 stack.enter_context(_replace_hooks(self.net, replace, fired))
             if sites:
                 stack.enter_context(capture_hooks(self.net, sites, acts))
-            out = functional_call(self.net, params, (x,))
+            out = _call_network(self.net, self.kind, params, x)
             for s in replace or {}:
                 if fired.get(s, 0) != 1:
                     raise RuntimeError(
@@ -390,3 +592,72 @@ class LiftedNetwork:
 
     def named_center(self) -> dict[str, torch.Tensor]:
         return {n: t.clone() for n, t in self.unflatten(self.center).items()}
+
+
+def _selection(include, names_all: list[str]) -> dict[str, list[tuple] | None]:
+    """``include=`` as ``{parameter: None (all of it) or [index, ...]}`` in parameter order.
+
+    ``include`` is None (everything), glob patterns, or a mapping ``{pattern: index}``
+    (``None`` for the whole parameter). A pattern ending in a bracketed index whose stem
+    names parameters (``"blocks.0.attn.W_Q[1]"``) selects that slice of each.
+    """
+    if include is None:
+        return {n: None for n in names_all}
+    entries: list[tuple[str, tuple | None]] = []
+    if isinstance(include, Mapping):
+        for k, v in include.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"include: a mapping's keys are parameter patterns (str); got {k!r}"
+                )
+            if v is None or v is True:
+                entries.append(_split_pattern(k, names_all))
+            else:
+                entries.append((k, as_index(v)))
+    else:
+        if isinstance(include, str):
+            pats = [include]
+        elif isinstance(include, (list, tuple, set, frozenset)):
+            pats = list(include)
+        else:
+            match_patterns(include, names_all, "include")  # raises its TypeError
+            pats = []
+        for p in pats:
+            if not isinstance(p, str):
+                match_patterns([p], names_all, "include")  # raises its TypeError
+            entries.append(_split_pattern(p, names_all))
+    chosen: dict[str, list[tuple] | None] = {}
+    for pat, idx in entries:
+        for n in match_patterns([pat], names_all, "include"):
+            if idx is None:
+                chosen[n] = None
+            elif n not in chosen:
+                chosen[n] = [idx]
+            elif chosen[n] is not None and idx not in chosen[n]:
+                chosen[n].append(idx)
+    return {n: chosen[n] for n in names_all if n in chosen}
+
+
+def _split_pattern(p: str, names_all: list[str]) -> tuple[str, tuple | None]:
+    """``"W_Q[1]"`` → ``("W_Q", (1,))`` when the stem names parameters; else ``(p, None)``."""
+    stem, idx = split_indexed(p)
+    if idx is None or any(n == p for n in names_all):
+        return p, None
+    try:
+        match_patterns([stem], names_all, "include")
+    except ValueError:
+        return p, None  # a glob character class such as "layer.W_[QK]"
+    return stem, parse_index(idx)
+
+
+def _include_spec(include):
+    """``include`` in a JSON-able form that selects the same entries (index mappings as
+    ``"pattern[index]"`` strings)."""
+    if isinstance(include, Mapping):
+        return [
+            k if v is None or v is True else f"{k}[{format_index(as_index(v))}]"
+            for k, v in include.items()
+        ]
+    if isinstance(include, (set, frozenset)):
+        return sorted(include)
+    return include

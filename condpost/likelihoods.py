@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from ._errors import check_finite
 
-__all__ = ["Likelihood", "Categorical", "Gaussian", "Bernoulli", "CustomNLL", "as_likelihood"]
+__all__ = [
+    "Likelihood",
+    "Categorical",
+    "Gaussian",
+    "Bernoulli",
+    "CausalLM",
+    "CustomNLL",
+    "as_likelihood",
+]
 
 
 class Likelihood:
@@ -215,6 +223,86 @@ class Bernoulli(Likelihood):
 
     def observe(self, name, output, y):
         pyro.sample(name, dist.Bernoulli(logits=output).to_event(_batch_dims(output)), obs=y)
+
+
+class CausalLM(Likelihood):
+    """Next-token likelihood of a causal language model, padding masked.
+
+    The network maps token ids ``[n, T]`` to logits ``[n, T, V]``; the targets are labels
+    ``[n, T]`` aligned with the inputs (``input_ids`` with ``ignore_index`` at padding,
+    as ``condpost.models.causal_lm_data`` makes them, Hugging Face's ``labels``
+    convention). The logits at position ``t`` predict the label at ``t + 1``:
+
+    ``ℓ_i = − Σ_{t < T−1, y_{i,t+1} ≠ ignore} log softmax(f(x_i)_t)[y_{i,t+1}]``,
+
+    the per-sequence sum of the per-token NLL over unmasked tokens, so ``n`` counts
+    sequences and ``L_n`` is the mean NLL per sequence (not per token).
+    """
+
+    name = "causal_lm"
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"CausalLM(ignore_index=...) must be an int; got {ignore_index!r}")
+        self.ignore_index = ignore_index
+
+    def prepare_targets(self, y, dtype):
+        y = torch.as_tensor(y)
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise TypeError(
+                f"CausalLM needs integer token labels [n, T] in data[1]; got dtype {y.dtype}. "
+                f"Use condpost.models.causal_lm_data(input_ids, attention_mask)."
+            )
+        return y.long()
+
+    def validate(self, output, y):
+        if output.dim() != 3 or y.dim() != 2 or tuple(output.shape[:2]) != tuple(y.shape):
+            raise ValueError(
+                f"CausalLM expects logits [n, T, V] and labels [n, T]; got logits "
+                f"{tuple(output.shape)} and labels {tuple(y.shape)}"
+            )
+        if y.shape[1] < 2:
+            raise ValueError("CausalLM needs sequences of at least 2 tokens (T ≥ 2)")
+        V = output.shape[-1]
+        real = y[y != self.ignore_index]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
+            bad = real[(real < 0) | (real >= V)]
+            raise ValueError(
+                f"CausalLM: labels must lie in [0, {V}) or equal ignore_index="
+                f"{self.ignore_index}; found {sorted(set(int(v) for v in bad[:5]))}"
+            )
+
+    def nll(self, output, y):
+        logits = output[..., :-1, :]
+        lab = y[..., 1:]
+        keep = lab != self.ignore_index
+        safe = torch.where(keep, lab, torch.zeros_like(lab))
+        lp = F.log_softmax(logits, dim=-1)
+        safe = safe.expand(lp.shape[:-1])
+        ll = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        return -(ll * keep.to(ll.dtype)).sum(-1)
+
+    def mean_nll_parts(self, output, y):
+        if output.dim() != 3 or y.dtype != torch.long or tuple(output.shape[:2]) != tuple(y.shape):
+            return None
+        V = output.shape[-1]
+        raw = F.cross_entropy(
+            output[:, :-1].reshape(-1, V),
+            y[:, 1:].reshape(-1),
+            ignore_index=self.ignore_index,
+            reduction="sum",
+        )
+        return raw, 1.0 / max(output.shape[0], 1), 0.0
+
+    def mean_nll(self, output, y):
+        pr = self.mean_nll_parts(output, y)
+        return self.nll(output, y).mean() if pr is None else pr[0] * pr[1]
+
+    def observe(self, name, output, y):
+        pyro.factor(name, -self.nll(output, y))
+
+    def to_config(self):
+        return {"name": self.name, "ignore_index": self.ignore_index}
 
 
 class CustomNLL(Likelihood):

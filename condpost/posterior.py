@@ -36,7 +36,8 @@ class LocalPosterior:
     Parameters
     ----------
     net : torch.nn.Module
-        The trained network at ``w*``. It is never modified.
+        The trained network at ``w*``. It is never modified. A TransformerLens
+        ``HookedTransformer`` or a Hugging Face causal LM works as it is (docs/models.md).
     data : tuple (x, y)
         The ``n`` samples that define ``L_n``.
     likelihood : Likelihood or callable
@@ -51,7 +52,9 @@ class LocalPosterior:
     include, exclude : str or sequence of str, optional
         Glob patterns over ``net.named_parameters()`` names (or module paths) selecting
         which parameters are lifted (default: all); the rest stay at ``w*``. Lifting a
-        subset is the weight-refined setting (docs/theory.md C10).
+        subset is the weight-refined setting (docs/theory.md C10). ``include`` also lifts
+        slices: ``"blocks.0.attn.W_Q[1]"`` or ``{"blocks.0.attn.W_Q": (1,)}`` is head 1
+        only (docs/models.md).
     dtype : torch.dtype, optional
         Computation dtype (default: the network's). Use ``torch.float64`` for exact tests.
     center : tensor or mapping, optional
@@ -107,7 +110,9 @@ class LocalPosterior:
         self.nbeta = resolve_nbeta(nbeta, self.n)
         self.nbeta_spec = nbeta if isinstance(nbeta, str) else float(nbeta)
         self.localization = check_localization(localization)
-        self.include, self.exclude = include, exclude
+        # an index mapping ({"blocks.0.attn.W_Q": (1,)}) is kept as "pattern[index]"
+        # strings: the same selection, and JSON-able for the run's config
+        self.include, self.exclude = self.lifted.include_spec, exclude
         out = _forward_at_center(self.lifted, self.center, x)
         if not _REDECLARING:
             _check_deterministic_and_gradients(self.lifted, self.center, x, self.localization)
