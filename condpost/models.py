@@ -92,7 +92,18 @@ def call(net: nn.Module, kind: str, params: Mapping[str, torch.Tensor], x: torch
     ids, mask = _unpack_tokens(x)
     if kind == "transformerlens":
         kw = {} if mask is None else {"attention_mask": mask}
-        return functional_call(net, params, (ids,), kw)
+        cfg = getattr(net, "cfg", None)
+        dtype = next((v.dtype for v in params.values() if v.is_floating_point()), None)
+        old = getattr(cfg, "dtype", None)
+        if dtype is None or not isinstance(old, torch.dtype) or old == dtype:
+            return functional_call(net, params, (ids,), kw)
+        # TransformerLens casts some activations to cfg.dtype (its LayerNorm output): a
+        # float64 posterior of a float32 model computes in float64 only while cfg says so
+        try:
+            cfg.dtype = dtype
+            return functional_call(net, params, (ids,), kw)
+        finally:
+            cfg.dtype = old
     kw = {"use_cache": False, "return_dict": True}
     if mask is not None:
         kw["attention_mask"] = mask
