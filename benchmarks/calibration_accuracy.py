@@ -82,7 +82,12 @@ def sgld_main(args) -> None:
             except ValueError as e:
                 print(f"naive pilot, target {target}: refused ({e})")
                 continue
-            row = verify(cal)
+            sig = cal.calibration[post.constraints[0].name]["sigma"]
+            try:
+                row = verify(cal)
+            except ValueError as e:
+                print(f"naive pilot, target {target}: σ = {sig:.4g}, too tight to sample: {e}")
+                continue
             print(
                 f"naive pilot (ε = 1e-5, 300 warmup), target {target}: σ = "
                 f"{cal.calibration[post.constraints[0].name]['sigma']:.4g}, fresh binding "

@@ -471,7 +471,7 @@ def _row(eps, tr, vir, acc, status, accept_proxy) -> dict:
             "not relaxed (virial ≪ 1)"
             if virial + 3 * (virial_se if math.isfinite(virial_se) else 0.0) < 0.5
             else "unstable (virial ≫ 1)"
-            if not virial - 3 * (virial_se if math.isfinite(virial_se) else 0.0) <= 2.0
+            if not virial <= 2.0
             else "ok"
             if plateau
             else "no plateau" + (" (still rising)" if drift > 0 else " (falling)")
