@@ -720,10 +720,14 @@ class _Run:
         self.results["sweeps"] = {}
         for cl in classes:
             name = cl["name"]
-            strengths = self.stage(f"calibrate:{name}", lambda cl=cl: self.calibrate(cl)) if any(
-                "calibrate" in c and c["name"] in cl.get("constraints", [])
-                for c in self.exp.get("constraints", [])
-            ) else {}
+            strengths = (
+                self.stage(f"calibrate:{name}", lambda cl=cl: self.calibrate(cl))
+                if any(
+                    "calibrate" in c and c["name"] in cl.get("constraints", [])
+                    for c in self.exp.get("constraints", [])
+                )
+                else {}
+            )
             post = self.declare(cl, strengths)
             self.posts[name] = post
             s = self.sampler(cl)
@@ -737,7 +741,8 @@ class _Run:
             if name not in self.refs:
                 self.refs[name] = self.sample(post, s, name, base_nbeta=post.nbeta)
             res = self.stage(
-                f"analyse:{name}", lambda cl=cl, post=post: self.analyse(cl, post, self.refs[name])
+                f"analyse:{name}",
+                lambda cl=cl, post=post, name=name: self.analyse(cl, post, self.refs[name]),
             )
             res["description"] = cl.get("description", "")
             self.results["classes"][name] = res
@@ -783,9 +788,7 @@ class _Run:
             )
             b = next(b for b in cal.constraints if b.name == c["name"])
             out[c["name"]] = b.strength
-            out[f"{c['name']}:tolerance_at_nbeta"] = b.tolerance or math.sqrt(
-                b.k / (2 * b.rho)
-            )
+            out[f"{c['name']}:tolerance_at_nbeta"] = b.tolerance or math.sqrt(b.k / (2 * b.rho))
         return out
 
     def sweep(self, cl: dict, post, s: dict, sw: dict) -> dict:
@@ -818,15 +821,26 @@ class _Run:
                 def method(p, *, chains, warmup, draws, seed, progress, **kw):
                     if base and name in self.refs:
                         return self.refs[name]
-                    return self.sample(p, s, f"{name}-{knob}={v:g}", seed_offset=i + 1,
-                                       base_nbeta=post.nbeta)
+                    return self.sample(
+                        p, s, f"{name}-{knob}={v:g}", seed_offset=i + 1, base_nbeta=post.nbeta
+                    )
+
+                def guard(fn, nm):
+                    def g(ref):
+                        try:
+                            return fn(ref)
+                        except Exception as e:  # noqa: BLE001 - recorded, as in analyse
+                            notes.append(f"{nm}: could not be measured ({type(e).__name__}: {e})")
+                            return float("nan"), float("nan")
+
+                    return g
 
                 with _captured(notes):
                     res = run_sweep(
                         post,
                         **kwargs,
                         method=method,
-                        observables=obs,
+                        observables={nm: guard(fn, nm) for nm, fn in obs.items()},
                         keep=False,
                         progress=False,
                     )
@@ -839,8 +853,13 @@ class _Run:
 
             rows.append(self.stage(stage, _one))
         rows = [r for r in rows if "skipped" not in r]
-        return {"knob": knob if knob != "tolerance" else f"tolerance:{sw.get('constraint') or (post.constraints[0].name if post.constraints else '')}",
-                "rows": rows, "units": units}
+        return {
+            "knob": knob
+            if knob != "tolerance"
+            else f"tolerance:{sw.get('constraint') or (post.constraints[0].name if post.constraints else '')}",
+            "rows": rows,
+            "units": units,
+        }
 
 
 def _sweep_key(sw: dict) -> str:
@@ -881,8 +900,7 @@ def run_experiment(
     run_dir = Path(out) if out else Path("runs") / stem
     if run_dir.exists() and (run_dir / _STAGES).exists() and not resume:
         raise ExperimentError(
-            f"{run_dir} holds an earlier run; pass --resume to continue it, or --out another "
-            f"folder"
+            f"{run_dir} holds an earlier run; pass --resume to continue it, or --out another folder"
         )
     if resume and (run_dir / "experiment.toml").exists():
         before = (run_dir / "experiment.toml").read_text()
@@ -891,7 +909,11 @@ def run_experiment(
                 f"--resume: {path} differs from the declaration of the run in {run_dir} "
                 f"(experiment.toml there); resume with the same file or start a new folder"
             )
-        meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+        meta = (
+            json.loads((run_dir / "run.json").read_text())
+            if (run_dir / "run.json").exists()
+            else {}
+        )
         if meta.get("quick", quick) != quick:
             raise ExperimentError(
                 f"--resume: the run in {run_dir} was {'' if meta.get('quick') else 'not '}"

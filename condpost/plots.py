@@ -118,7 +118,8 @@ def preservation(report: PreservationReport | ReferenceClass, *, ax=None):
     for lvl in (0.05, 0.95):
         ax.axhline(lvl, color="grey", ls=":", lw=1)
     ax.set_xticks(x, [r["constraint"] for r in rows], rotation=15, ha="right")
-    ax.set_ylim(0, 1.05)
+    top = np.nanmax(np.concatenate([b + np.nan_to_num(se), cov, [1.0]]))
+    ax.set_ylim(0, 1.05 * top)
     ax.set_ylabel("fraction")
     ax.legend(fontsize="small")
     return ax

@@ -191,7 +191,9 @@ def build(run_dir: str | Path, *, quiet: bool = True) -> Path:
     if not rpath.exists():
         raise FileNotFoundError(f"{run_dir} is not a finished condpost run (no results.json)")
     results = json.loads(rpath.read_text())
-    decl = (run_dir / "experiment.toml").read_text() if (run_dir / "experiment.toml").exists() else ""
+    decl = (
+        (run_dir / "experiment.toml").read_text() if (run_dir / "experiment.toml").exists() else ""
+    )
     _sweep_figures(run_dir, results)
     tables = _tables(run_dir, results)
     exp = results.get("experiment", {})
@@ -230,9 +232,7 @@ def build(run_dir: str | Path, *, quiet: bool = True) -> Path:
         )
         if "llc" in res:
             ll = res["llc"]
-            parts.append(
-                f"<p>λ̂ = {_num(ll.get('mean'))} ± {_num(ll.get('stderr'))} (MC s.e.)</p>"
-            )
+            parts.append(f"<p>λ̂ = {_num(ll.get('mean'))} ± {_num(ll.get('stderr'))} (MC s.e.)</p>")
         if "summary" in res:
             sm = res["summary"]
             parts.append(
@@ -273,7 +273,9 @@ def build(run_dir: str | Path, *, quiet: bool = True) -> Path:
     stages = results.get("stages", {})
     if stages:
         parts.append("<h2>Stages</h2>")
-        srows = [{"stage": k, "wall_s": v} for k, v in stages.items() if not k.startswith("stored:")]
+        srows = [
+            {"stage": k, "wall_s": v} for k, v in stages.items() if not k.startswith("stored:")
+        ]
         parts.append(_html_table(["stage", "wall_s"], srows))
     parts.append("</body></html>")
     out = run_dir / "report.html"
