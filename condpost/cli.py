@@ -50,6 +50,7 @@ class StageError(RuntimeError):
 # --------------------------------------------------------------------------- schema
 _CALIBRATE = {
     "target_binding": float,
+    "keep": str,
     "pilot": str,
     "chains": int,
     "warmup": int,
@@ -372,6 +373,8 @@ def _captured(sink: list):
         warnings.simplefilter("always")
         yield
     for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            continue  # about library versions, not about the draws
         msg = str(w.message)
         if msg not in sink:
             sink.append(msg)
@@ -507,16 +510,24 @@ class _Run:
             check_center=bool(P.get("check_center", True)) and cl is self.classes()[0],
         )
         wanted = cl.get("constraints", [])
+        strengths = strengths or {}
         for c in self.exp.get("constraints", []):
-            if c["name"] in wanted:
-                post.preserve(self.constraint(c, (strengths or {}).get(c["name"])))
+            if c["name"] not in wanted:
+                continue
+            if c.get("calibrate", {}).get("keep", "strength") == "tolerance" and strengths:
+                tol = strengths[f"{c['name']}:tolerance_at_nbeta"]
+                post.preserve(self.constraint(c, None, tolerance=tol))
+            else:
+                post.preserve(self.constraint(c, strengths.get(c["name"])))
         return post
 
-    def constraint(self, c: dict, strength: float | None):
+    def constraint(self, c: dict, strength: float | None, tolerance: float | None = None):
         import condpost as cp
 
         kw: dict[str, Any] = {"name": c["name"]}
-        if strength is not None:
+        if tolerance is not None:
+            kw["tolerance"] = float(tolerance)
+        elif strength is not None:
             kw["strength"] = float(strength)
         elif "calibrate" in c:
             kw["tolerance"] = 1.0  # replaced by the calibration
@@ -653,7 +664,8 @@ class _Run:
 
         A = self.exp.get("analyses", {})
         name = cl["name"]
-        notes: list[str] = []
+        rec = self.stages.done.get(f"sample:{name}", {}).get("result") or {}
+        notes: list[str] = list(rec.get("warnings", []))
         res: dict[str, Any] = {"nbeta": post.nbeta, "localization": post.localization}
         res["constraints"] = [
             {"name": b.name, "tolerance": b.tolerance, "strength": b.strength, "rho": b.rho}
@@ -733,9 +745,11 @@ class _Run:
             s = self.sampler(cl)
 
             def _sample(post=post, s=s, name=name):
-                ref = self.sample(post, s, name, base_nbeta=post.nbeta)
+                notes: list[str] = []
+                with _captured(notes):
+                    ref = self.sample(post, s, name, base_nbeta=post.nbeta)
                 self.refs[name] = ref
-                return {"chains": ref.chains, "draws": ref.num_draws, "d": ref.d}
+                return {"chains": ref.chains, "draws": ref.num_draws, "d": ref.d, "warnings": notes}
 
             self.stage(f"sample:{name}", _sample)
             if name not in self.refs:
@@ -766,6 +780,12 @@ class _Run:
                 continue
             k = dict(c["calibrate"])
             target = float(k.pop("target_binding", 0.5))
+            keep = k.pop("keep", "strength")
+            if keep not in ("strength", "tolerance"):
+                raise ExperimentError(
+                    f"constraint {c['name']!r}: calibrate.keep must be 'strength' (relative: "
+                    f"ρ follows nβ) or 'tolerance' (absolute σ, fixed across nβ); got {keep!r}"
+                )
             pilot = k.pop("pilot", None)
             if pilot is not None:
                 if pilot not in self.refs:

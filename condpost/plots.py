@@ -157,11 +157,13 @@ def precision_curve(
     *,
     ax=None,
     unit: str | None = None,
+    colors: Mapping[str, Any] | None = None,
     **errorbar_kw,
 ):
     """One observable (λ̂, MI, accuracy, ...) over the precision scale with error bars,
     one curve per reference class (``{label: SweepResult}``), on one axis in the
-    observable's unit (``SweepResult.unit``; ``unit=`` overrides). Returns the Axes."""
+    observable's unit (``SweepResult.unit``; ``unit=`` overrides). ``colors`` maps a
+    label to its colour (so a class keeps its colour across figures). Returns the Axes."""
     plt = _plt()
     if not isinstance(sweeps, Mapping):
         sweeps = {None: sweeps}
@@ -174,6 +176,8 @@ def precision_curve(
         kw: dict[str, Any] = dict(errorbar_kw)
         if label is not None:
             kw["label"] = label
+        if colors and label in colors:
+            kw.setdefault("color", colors[label])
         res.plot(ax=ax, names=[name], units={name: unit} if unit else None, **kw)
         drawn += 1
     if not drawn:

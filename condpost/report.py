@@ -133,6 +133,11 @@ def _sweep_figures(run_dir: Path, results: dict) -> None:
 
     figs = run_dir / "figures"
     figs.mkdir(exist_ok=True)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    names = list(results.get("classes", {}))
+    for per_class in results.get("sweeps", {}).values():
+        names += [c for c in per_class if c not in names]
+    colors = {c: cycle[i % len(cycle)] for i, c in enumerate(names)}
     for key, per_class in sweep_results(results).items():
         names: list[str] = []
         for res in per_class.values():
@@ -141,7 +146,7 @@ def _sweep_figures(run_dir: Path, results: dict) -> None:
         for nm in names:
             plt.close("all")
             try:
-                ax = plots.precision_curve(per_class, nm)
+                ax = plots.precision_curve(per_class, nm, colors=colors)
                 if nm.startswith("binding"):
                     for lvl in (0.05, 0.95):
                         ax.axhline(lvl, color="grey", ls=":", lw=1)
@@ -224,8 +229,13 @@ def build(run_dir: str | Path, *, quiet: bool = True) -> Path:
             f"{s.get('draws', '?')} draws; nβ = {_num(res.get('nbeta'))}, γ = "
             f"{_num(res.get('localization'))}"
             + "".join(
-                f"; {html.escape(c['name'])}: tolerance {_num(c.get('tolerance'))}, strength "
-                f"{_num(c.get('strength'))}"
+                f"; {html.escape(c['name'])}: "
+                + (
+                    f"tolerance σ = {_num(c.get('tolerance'))}"
+                    if c.get("tolerance") is not None
+                    else f"strength α = {_num(c.get('strength'))}"
+                )
+                + f" (ρ = {_num(c.get('rho'))})"
                 for c in res.get("constraints", [])
             )
             + "</p>"
