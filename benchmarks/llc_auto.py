@@ -159,7 +159,7 @@ def main(argv=None):
         print(
             f"{label}: exact {exact:.4g} ± {exact_se:.2g} (λ∞ {lam_inf:g}); λ̂ {lam.mean:.4g} ± "
             f"{lam.stderr:.2g} ({rel:+.1%}); ε {row['step_size']}; {row['stop_reason']} "
-            f"[{row['limiting']}] at draws {row['draws']} (discard {row['discard']}), "
+            f"[{row['limiting']}] unmet {row['unmet']} at draws {row['draws']} (discard {row['discard']}), "
             f"{wall:.0f} s; rounds {row['rounds']}",
             flush=True,
         )
