@@ -107,8 +107,29 @@ def call(net: nn.Module, kind: str, params: Mapping[str, torch.Tensor], x: torch
     kw = {"use_cache": False, "return_dict": True}
     if mask is not None:
         kw["attention_mask"] = mask
+    accepted = _forward_keywords(type(net))
+    if accepted is not None:
+        kw = {k: v for k, v in kw.items() if k in accepted or k == "attention_mask"}
     out = functional_call(net, params, (ids,), kw)
     return module_output(out, kind)
+
+
+_KEYWORDS: dict[type, frozenset | None] = {}
+
+
+def _forward_keywords(cls: type) -> frozenset | None:
+    """Keyword names ``cls.forward`` takes (None when it takes ``**kwargs``)."""
+    if cls not in _KEYWORDS:
+        import inspect
+
+        try:
+            ps = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            _KEYWORDS[cls] = None
+        else:
+            var = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values())
+            _KEYWORDS[cls] = None if var else frozenset(ps)
+    return _KEYWORDS[cls]
 
 
 def module_output(output: Any, kind: str):

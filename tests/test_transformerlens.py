@@ -196,6 +196,9 @@ def test_activations_constraint_on_hook_site_mi_and_llc(trained, tmp_path):
         progress=False,
     )  # fmt: skip
     assert np.isfinite(ref.flat()).all()
+    wts = ref.weights()
+    assert list(wts) == post.lifted.names
+    assert tuple(wts["blocks.1.attn.W_O[1]"].shape) == (2, 40, CFG["d_head"], CFG["d_model"])
     rep = ref.preservation(warn_user=False)
     assert np.isfinite(rep.rows[0]["binding"])
     # the defect the sampler recorded is the hook value's mean squared change
