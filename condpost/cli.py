@@ -82,6 +82,7 @@ _SAMPLER = {
     "draws": int,
     "seed": int,
     "scale_step_size": bool,
+    "max_step_size": float,
     "options": dict,
 }
 _MI = {
@@ -575,6 +576,8 @@ class _Run:
         opts = dict(s.get("options", {}))
         if s.get("scale_step_size") and "step_size" in opts and base_nbeta:
             opts["step_size"] = float(opts["step_size"]) * base_nbeta / post.nbeta
+        if "max_step_size" in s and "step_size" in opts:
+            opts["step_size"] = min(float(opts["step_size"]), float(s["max_step_size"]))
         draws_dir = self.dir / "draws"
         draws_dir.mkdir(exist_ok=True)
         safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", key)
