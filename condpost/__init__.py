@@ -8,9 +8,13 @@ features to preserve, and analyses it.
 Importing condpost never imports jax.
 """
 
-from . import info  # imports no jax
+from . import (
+    info,  # imports no jax
+    models,
+)
 from ._errors import CenterWarning, CondpostWarning, ConstraintWarning, SamplerWarning
 from ._version import __version__
+from .auto import estimate_llc, sample_auto
 from .calibration import Sensitivity, calibrate, sensitivity
 from .constraints import (
     Activations,
@@ -27,7 +31,7 @@ from .constraints import (
     WeightZeroPattern,
 )
 from .lifting import LiftedNetwork
-from .likelihoods import Bernoulli, Categorical, CustomNLL, Gaussian, Likelihood
+from .likelihoods import Bernoulli, Categorical, CausalLM, CustomNLL, Gaussian, Likelihood
 from .posterior import LocalPosterior
 from .primitives import capture, init_to_center, lift, preserve, temper
 from .reference import ReferenceClass
@@ -46,6 +50,10 @@ __all__ = [
     "Gaussian",
     "Bernoulli",
     "CustomNLL",
+    "CausalLM",
+    "models",
+    "estimate_llc",
+    "sample_auto",
     "Constraint",
     "Activations",
     "WeightZeroPattern",

@@ -179,8 +179,11 @@ def fingerprint(post: LocalPosterior) -> dict:
 
 
 def _unlifted(post) -> dict[str, torch.Tensor]:
-    """The weights and buffers that stay at their values (frozen copies)."""
-    return dict(post.lifted.frozen)
+    """The weights and buffers that stay at their values (frozen copies), and the full
+    w* of every parameter lifted only in part (its unlifted entries stay there)."""
+    out = dict(post.lifted.frozen)
+    out.update({f"base:{k}": v for k, v in getattr(post.lifted, "bases", {}).items()})
+    return out
 
 
 def _close(a, b, rtol: float) -> bool:

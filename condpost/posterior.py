@@ -492,6 +492,22 @@ class LocalPosterior:
         from .reference import ReferenceClass
         from .run import sample
 
+        if isinstance(draws, str) and draws.lower() == "auto":
+            # rounds of the same run until the plateau, virial, R-hat and MC-error
+            # criteria hold (condpost.auto; SG-MCMC methods)
+            from .auto import sample_auto_result
+
+            result = sample_auto_result(
+                self,
+                method,
+                chains=chains,
+                warmup=warmup,
+                seed=seed,
+                backend=backend,
+                progress=progress,
+                **kwargs,
+            )
+            return ReferenceClass.from_result(self, result)
         result = sample(
             self,
             method,

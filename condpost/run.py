@@ -107,6 +107,15 @@ def sample(
 ) -> SampleResult:
     """Run ``method`` on ``post`` and return the executor's ``SampleResult``."""
     m = registry.get(method)
+    if isinstance(draws, str):
+        raise ValueError(
+            f"draws must be an integer ≥ 1; got {draws!r}. draws='auto' (run until λ̂ is "
+            f"reliable) goes through LocalPosterior.sample or condpost.sample_auto."
+        )
+    if m.kind == "sgmcmc" and isinstance(options.get("step_size"), str):
+        from .stepsize import resolve_step_size
+
+        options = resolve_step_size(post, m.name, options, seed=int(seed), progress=progress)
     chains = _count("chains", chains, 1)
     warmup = _count("warmup", warmup, 0)
     draws = _count("draws", draws, 1)

@@ -48,15 +48,12 @@ def refined_posterior(
     from .posterior import LocalPosterior
 
     lifted = post.lifted
-    named = {k: v for k, v in lifted.frozen.items() if k in lifted.all_names}
-    named.update(lifted.unflatten(post.center))
     if include is None and exclude is None:
         include = post.include
         exclude = post.exclude
-    from .lifting import LiftedNetwork
 
-    sel = LiftedNetwork(lifted.net, include, exclude, post.dtype).names
-    center = {k: named[k] for k in sel}
+    # w* as full parameters, which a declaration of any selection (sliced or whole) takes
+    center = lifted.full_named(post.center)
     return LocalPosterior(
         lifted.net,
         (post.x, post.y) if data is None else data,

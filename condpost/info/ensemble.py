@@ -401,10 +401,14 @@ def _weight_dependent(acts: torch.Tensor, nd: int) -> bool:
 
 def _fire_order(post, sites: list[str], x: torch.Tensor) -> list[str]:
     """Order in which the sites' modules finish in one forward pass at ``w*``."""
+    from ..lifting import site_module
+
     modules = dict(post.lifted.net.named_modules())
     order: list[str] = []
     handles = [
-        modules[st].register_forward_hook(lambda mod, inp, out, st=st: order.append(st))
+        modules[site_module(post.lifted.net, st)].register_forward_hook(
+            lambda mod, inp, out, st=st: order.append(st)
+        )
         for st in sites
     ]
     try:
