@@ -789,7 +789,7 @@ class ReferenceClass:
         return PreservationReport(rows, msgs)
 
     # ------------------------------------------------------------------ export
-    def to_arviz(self, *, log_likelihood: bool | str = "auto", max_values: int = 50_000_000):
+    def to_arviz(self, *, log_likelihood: bool | str = "auto", max_values: int = 10_000_000):
         """An ``arviz.InferenceData`` with the weights, ``L_n``, defects and divergences.
 
         Groups:

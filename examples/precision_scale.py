@@ -28,7 +28,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ModAdd", "model", "accuracy", "embed_fourier", "neuron_fourier", "key_frequencies"]
+__all__ = [
+    "ModAdd",
+    "model",
+    "accuracy",
+    "embed_fourier",
+    "neuron_fourier",
+    "keys_kept",
+    "key_frequencies",
+]
 
 
 class _Head(nn.Module):
