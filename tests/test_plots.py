@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import matplotlib
+import pytest
 
+matplotlib = pytest.importorskip("matplotlib")  # the optional extra condpost[plots]
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import condpost as cp  # noqa: E402
