@@ -949,6 +949,21 @@ class ReferenceClass:
             ref.attach(posterior)
         return ref
 
+    # ------------------------------------------------------------------ influence
+    def influence(self, query=None, observable=None, **kwargs):
+        """The Bayesian influence function ``Cov_π(ℓ_i, ℓ_j)`` or ``Cov_π(ℓ_i, O)``, with
+        Monte Carlo standard errors (``condpost.influence.influence``; docs/influence.md)."""
+        from .influence import influence
+
+        return influence(self, query, observable, **kwargs)
+
+    def susceptibility(self, observable, groups, *, query=None, **kwargs):
+        """``χ_g = −(nβ/n)·Cov_π(O, Σ_{i∈g} ℓ_i)`` per group, with Monte Carlo standard errors
+        (``condpost.influence.susceptibility``; docs/influence.md)."""
+        from .influence import susceptibility
+
+        return susceptibility(self, observable, groups, query=query, **kwargs)
+
 
 def _check_pyro_potential(mcmc, post, W, name, samples, others) -> None:
     """Compare the MCMC kernel's potential with ``post.potential`` at two draws.

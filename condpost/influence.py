@@ -1,0 +1,486 @@
+"""Bayesian influence functions and susceptibilities from a reference class (docs/influence.md).
+
+Everything here reads draws already taken: the per-sample losses ``ℓ_i(w)`` of a query
+set are evaluated at each kept draw (batched over draws with the one "vmap, else loop"
+helper, chunked over samples), and posterior covariances are estimated with Monte Carlo
+standard errors from batch means within chains, pooled across chains.
+
+* ``per_sample_losses(ref, query)``: ``ℓ_i(w)`` as ``[chains, draws, q]``;
+* ``influence(ref, query, observable)``: ``Cov_π(ℓ_i, ℓ_j)`` (the Bayesian influence
+  function, matrix form or top-k per query), or ``Cov_π(ℓ_i, O)``;
+* ``susceptibility(ref, observable, groups)``: ``χ_g = −(nβ/n)·Cov_π(O, Σ_{i∈g} ℓ_i)``,
+  the linear response of ``E_π[O]`` to up-weighting the samples of group ``g``.
+
+This module reads a ``ReferenceClass`` but never imports ``condpost.reference`` (the
+class's thin ``influence`` and ``susceptibility`` methods import this module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ._batching import batched
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .reference import ReferenceClass
+
+__all__ = [
+    "per_sample_losses",
+    "influence",
+    "susceptibility",
+    "cov_with_stderr",
+    "Influence",
+    "Susceptibility",
+    "MATRIX_MAX",
+]
+
+#: largest query set for which ``influence`` returns the full ``q × q`` matrix
+MATRIX_MAX = 2000
+
+
+# --------------------------------------------------------------------------- draws
+def _draw_index(S: int, max_draws: int | None, C: int) -> np.ndarray:
+    """Evenly spaced draw indices per chain so that at most ``max_draws`` draws are kept
+    in all (the same indices in every chain: the result stays ``[chains, draws']``)."""
+    if max_draws is None or C * S <= max_draws:
+        return np.arange(S)
+    per = max(1, int(max_draws) // C)
+    return np.unique(np.linspace(0, S - 1, per).round().astype(int))
+
+
+def _flat_draws(ref: ReferenceClass, idx: np.ndarray, what: str) -> torch.Tensor:
+    post = ref._need_posterior(what)
+    draws = ref._need_draws(what)
+    W = np.asarray(draws)[:, idx]
+    return torch.as_tensor(
+        np.ascontiguousarray(W).reshape(-1, ref.d), dtype=post.dtype, device=post.device
+    )
+
+
+def _query(post, query) -> tuple[torch.Tensor, torch.Tensor]:
+    if query is None:
+        return post.x, post.y
+    if not isinstance(query, (tuple, list)) or len(query) != 2:
+        raise TypeError(
+            "query must be None (the training data) or a pair (x, y) of tensors; got "
+            f"{type(query).__name__}"
+        )
+    from .constraints import _prepare_probes
+
+    x = _prepare_probes(post, query[0], "query x")
+    y = torch.as_tensor(query[1])
+    if y.is_floating_point():
+        y = y.to(dtype=post.y.dtype)
+    y = y.to(post.y.device)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"query x has {x.shape[0]} rows but query y has {y.shape[0]}")
+    if tuple(y.shape[1:]) != tuple(post.y.shape[1:]):
+        raise ValueError(
+            f"query y has shape {tuple(y.shape)}; the training targets have shape "
+            f"{tuple(post.y.shape)}"
+        )
+    return x, y
+
+
+def per_sample_losses(
+    ref: ReferenceClass,
+    query=None,
+    *,
+    max_draws: int | None = None,
+    chunk: int = 4096,
+    draw_chunk: int = 64,
+) -> np.ndarray:
+    """``ℓ_i(w)``, the per-sample negative log-likelihood, at each kept draw, ``[chains, draws, q]``.
+
+    Parameters
+    ----------
+    ref : ReferenceClass
+        Draws with the weights kept and the declaration attached.
+    query : None or (x, y)
+        The query set: the training data (default) or inputs and targets shaped like
+        them (probe inputs, held-out samples).
+    max_draws : int, optional
+        Keep at most this many draws in all, evenly spaced within each chain (the same
+        draw indices in every chain).
+    chunk : int
+        Query samples per evaluation; with ``draw_chunk`` draws per batched call, the
+        intermediate memory is bounded by ``draw_chunk × chunk`` network outputs.
+    draw_chunk : int
+        Draws per batched (``torch.func.vmap``, else loop) call.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``[chains, draws', q]``; ``draws'`` is ``ref.num_draws`` unless
+        ``max_draws`` thinned it.
+    """
+    post = ref._need_posterior("per_sample_losses()")
+    idx = _draw_index(ref.num_draws, max_draws, ref.chains)
+    W = _flat_draws(ref, idx, "per_sample_losses()")
+    x, y = _query(post, query)
+    q = int(x.shape[0])
+    lik = post.likelihood
+    chunk, draw_chunk = max(1, int(chunk)), max(1, int(draw_chunk))
+    out = np.empty((W.shape[0], q), dtype=np.float64)
+    net_name = type(post.lifted.net).__name__
+    with torch.no_grad():
+        for a in range(0, q, chunk):
+            xb, yb = x[a : a + chunk], y[a : a + chunk]
+
+            def one(w, xb=xb, yb=yb):
+                return lik.nll(post.lifted.forward(w, xb), yb)
+
+            fn = batched(one, f"per-sample losses ({net_name})")
+            for s in range(0, W.shape[0], draw_chunk):
+                v = fn(W[s : s + draw_chunk])
+                out[s : s + draw_chunk, a : a + chunk] = v.detach().cpu().double().numpy()
+    return out.reshape(ref.chains, len(idx), q)
+
+
+# --------------------------------------------------------------------------- observables
+def _observable(ref: ReferenceClass, observable, idx: np.ndarray, draw_chunk: int = 64):
+    """Per-draw values ``[chains, draws']`` of a string, callable or array observable."""
+    S = ref.num_draws
+    if isinstance(observable, str):
+        key = observable
+        if key.startswith("defect:"):
+            key = "defect/" + key[len("defect:") :]
+        try:
+            arr = ref.stat(key)
+        except KeyError:
+            names = [k for k in ref._stats if not k.startswith("sampler/")]
+            raise ValueError(
+                f"no per-draw statistic {observable!r}; this reference class records {names} "
+                f'("loss" is L_n, "defect/<name>" a constraint\'s defect)'
+            ) from None
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape != (ref.chains, S):
+            raise ValueError(
+                f"statistic {observable!r} has shape {arr.shape}, not [chains, draws] = "
+                f"{(ref.chains, S)}"
+            )
+        return arr[:, idx]
+    if callable(observable):
+        W = _flat_draws(ref, idx, "a callable observable")
+        fn = batched(
+            lambda w: torch.as_tensor(observable(w)).reshape(()),
+            f"observable {getattr(observable, '__name__', type(observable).__name__)}",
+        )
+        with torch.no_grad():
+            vals = torch.cat([fn(W[s : s + draw_chunk]) for s in range(0, W.shape[0], draw_chunk)])
+        return vals.detach().cpu().double().numpy().reshape(ref.chains, len(idx))
+    arr = np.asarray(observable, dtype=np.float64)
+    if arr.shape != (ref.chains, S):
+        raise ValueError(
+            f"an observable array must have shape [chains, draws] = {(ref.chains, S)}; "
+            f"got {arr.shape}"
+        )
+    return arr[:, idx]
+
+
+# --------------------------------------------------------------------------- estimators
+def _n_batches(S: int, batches: int | None) -> int:
+    if batches is None:
+        batches = int(round(np.sqrt(S)))
+        batches = min(max(batches, 5), 30)
+    return int(max(1, min(batches, S)))
+
+
+def _batch_slices(S: int, B: int) -> list[slice]:
+    b = S // B
+    return [slice(k * b, (k + 1) * b) for k in range(B)] if b else [slice(0, S)]
+
+
+def cov_with_stderr(
+    a: np.ndarray, b: np.ndarray | None = None, *, batches: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior covariance of per-draw values and its Monte Carlo standard error.
+
+    ``a`` is ``[chains, draws, p]`` (or ``[chains, draws]``), ``b`` is ``[chains, draws, r]``
+    (default: ``a``). Returns ``Cov[p, r]`` and its standard error ``[p, r]``.
+
+    The covariance is the mean over all draws of ``(a − ā)(b − b̄)`` (centred at the
+    pooled means, divided by ``N − 1``). Its standard error comes from batch means: each
+    chain is cut into ``B`` contiguous batches (default ``√draws``, between 5 and 30);
+    the batch means of the centred products, pooled over chains (``C·B`` of them), have
+    sample variance ``v``, and ``se = √(v / (C·B))``. Batch means absorb the
+    autocorrelation within a chain up to the batch length; pooling over chains keeps the
+    number of degrees of freedom at ``C·B − 1``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    same = b is None
+    b = a if same else np.asarray(b, dtype=np.float64)
+    squeeze_a, squeeze_b = a.ndim == 2, b.ndim == 2
+    if squeeze_a:
+        a = a[..., None]
+    if squeeze_b:
+        b = b[..., None]
+    if a.ndim != 3 or b.ndim != 3 or a.shape[:2] != b.shape[:2]:
+        raise ValueError(
+            f"need [chains, draws, ·] arrays with the same chains and draws; got {a.shape} "
+            f"and {b.shape}"
+        )
+    C, S = a.shape[:2]
+    N = C * S
+    if N < 4:
+        raise ValueError(f"need at least 4 draws in all; got {N}")
+    ac = a - a.reshape(N, -1).mean(0)
+    bc = ac if same else b - b.reshape(N, -1).mean(0)
+    slices = _batch_slices(S, _n_batches(S, batches))
+    m1 = np.zeros((a.shape[2], b.shape[2]))
+    m2 = np.zeros_like(m1)
+    K = 0
+    for c in range(C):
+        for sl in slices:
+            x, y = ac[c, sl], bc[c, sl]
+            m = x.T @ y / x.shape[0]
+            m1 += m
+            m2 += m * m
+            K += 1
+    full = ac.reshape(N, -1).T @ bc.reshape(N, -1)
+    cov = full / (N - 1)
+    if K > 1:
+        mean_b = m1 / K
+        var_b = np.maximum(m2 / K - mean_b**2, 0.0) * K / (K - 1)
+        se = np.sqrt(var_b / K)
+    else:
+        se = np.full_like(cov, np.nan)
+    if squeeze_b:
+        cov, se = cov[:, 0], se[:, 0]
+    if squeeze_a:
+        cov, se = cov[0], se[0]
+    return cov, se
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Influence:
+    """Posterior covariances of per-sample losses, with Monte Carlo standard errors.
+
+    * matrix form (``kind == "matrix"``): ``cov[i, j] = Cov_π(ℓ_i, ℓ_j)``, ``stderr``
+      the same shape, ``q × q``;
+    * top-k form (``kind == "topk"``): for each query ``i``, ``index[i]`` holds the ``k``
+      samples ``j`` of largest ``|Cov_π(ℓ_i, ℓ_j)|``, ``cov[i]`` and ``stderr[i]`` their
+      covariances and errors;
+    * observable form (``kind == "observable"``): ``cov[i] = Cov_π(ℓ_i, O)``, ``[q]``.
+
+    ``response`` is ``−(nβ/n)·cov``: the linear response of ``E_π[ℓ_j]`` (or of
+    ``E_π[O]``) to up-weighting sample ``i`` by ``ε`` (docs/influence.md).
+    """
+
+    cov: np.ndarray
+    stderr: np.ndarray
+    kind: str
+    nbeta: float
+    n: int
+    index: np.ndarray | None = None
+    draws: int = 0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def response(self) -> np.ndarray:
+        return -(self.nbeta / self.n) * self.cov
+
+    @property
+    def z(self) -> np.ndarray:
+        """``cov / stderr``: how many standard errors each entry is from zero."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.cov / self.stderr
+
+    def correlation(self) -> np.ndarray:
+        """Matrix form only: ``Corr_π(ℓ_i, ℓ_j)`` from the covariance matrix."""
+        if self.kind != "matrix":
+            raise ValueError("correlation() needs the matrix form (q ≤ MATRIX_MAX)")
+        sd = np.sqrt(np.clip(np.diag(self.cov), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.cov / np.outer(sd, sd)
+
+    def __repr__(self) -> str:
+        return (
+            f"Influence({self.kind}, shape={tuple(self.cov.shape)}, draws={self.draws}, "
+            f"median |z|={float(np.nanmedian(np.abs(self.z))):.3g})"
+        )
+
+
+@dataclass
+class Susceptibility:
+    """``χ_g = −(nβ/n)·Cov_π(O, Σ_{i∈g} ℓ_i)`` per group, with Monte Carlo standard errors."""
+
+    values: dict[str, float]
+    stderr: dict[str, float]
+    cov: dict[str, float]
+    sizes: dict[str, int]
+    nbeta: float
+    n: int
+    draws: int = 0
+
+    def __getitem__(self, name: str) -> float:
+        return self.values[name]
+
+    def z(self, name: str) -> float:
+        return self.values[name] / self.stderr[name]
+
+    def __str__(self) -> str:
+        w = max([5, *(len(k) for k in self.values)])
+        lines = [f"{'group'.rjust(w)}  {'size':>6}  {'chi':>11}  {'stderr':>9}"]
+        for k, v in self.values.items():
+            lines.append(f"{k.rjust(w)}  {self.sizes[k]:>6}  {v:>11.4g}  {self.stderr[k]:>9.2g}")
+        return "\n".join(lines)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "chi": self.values,
+                "stderr": self.stderr,
+                "cov": self.cov,
+                "size": self.sizes,
+            }
+        )
+
+
+# --------------------------------------------------------------------------- public API
+def _topk_rows(L: np.ndarray, k: int, batches: int | None, rows: int = 256):
+    """Top-``k`` partners per query by ``|Cov(ℓ_i, ℓ_j)|``, in blocks of ``rows`` queries."""
+    q = L.shape[2]
+    k = int(min(k, q))
+    index = np.empty((q, k), dtype=np.int64)
+    cov = np.empty((q, k))
+    se = np.empty((q, k))
+    for a in range(0, q, rows):
+        c, s = cov_with_stderr(L[..., a : a + rows], L, batches=batches)
+        part = np.argpartition(-np.abs(c), k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(c, part, 1)
+        order = np.argsort(-np.abs(vals), axis=1)
+        part = np.take_along_axis(part, order, 1)
+        index[a : a + rows] = part
+        cov[a : a + rows] = np.take_along_axis(c, part, 1)
+        se[a : a + rows] = np.take_along_axis(s, part, 1)
+    return index, cov, se
+
+
+def influence(
+    ref: ReferenceClass,
+    query=None,
+    observable=None,
+    *,
+    k: int = 20,
+    matrix: bool | None = None,
+    max_draws: int | None = None,
+    batches: int | None = None,
+    losses: np.ndarray | None = None,
+    chunk: int = 4096,
+) -> Influence:
+    """The Bayesian influence function: posterior covariances of per-sample losses.
+
+    Parameters
+    ----------
+    ref : ReferenceClass
+        Draws with the weights kept and the declaration attached.
+    query : None or (x, y)
+        The query set (default: the training data).
+    observable : None, str, callable or array
+        None: ``Cov_π(ℓ_i, ℓ_j)`` between query samples. Else ``Cov_π(ℓ_i, O)`` for the
+        observable ``O``: per-draw values ``[chains, draws]``, the name of a recorded
+        statistic (``"loss"`` for ``L_n``, ``"defect/<name>"``), or a callable of the
+        flat lifted weights ``w`` (a torch tensor ``[d]``) returning a scalar.
+    k : int
+        Partners per query in the top-k form.
+    matrix : bool, optional
+        Full ``q × q`` matrix (default when ``q ≤ MATRIX_MAX``) or top-k per query.
+    max_draws : int, optional
+        Thin to at most this many draws in all (evenly within chains).
+    batches : int, optional
+        Batches per chain for the standard errors (default ``√draws``, 5 to 30).
+    losses : numpy.ndarray, optional
+        Per-sample losses already computed by ``per_sample_losses`` (same ``max_draws``).
+    """
+    idx = _draw_index(ref.num_draws, max_draws, ref.chains)
+    L = (
+        losses
+        if losses is not None
+        else per_sample_losses(ref, query, max_draws=max_draws, chunk=chunk)
+    )
+    if L.shape[:2] != (ref.chains, len(idx)):
+        raise ValueError(f"losses have shape {L.shape}; expected [{ref.chains}, {len(idx)}, q]")
+    n = int(ref.config["n"])
+    meta = {"draws": int(L.shape[0] * L.shape[1])}
+    if observable is not None:
+        O = _observable(ref, observable, idx)
+        cov, se = cov_with_stderr(L, O, batches=batches)
+        return Influence(cov, se, "observable", ref.nbeta, n, **meta)
+    q = L.shape[2]
+    if matrix is None:
+        matrix = q <= MATRIX_MAX
+    if matrix:
+        cov, se = cov_with_stderr(L, batches=batches)
+        return Influence(cov, se, "matrix", ref.nbeta, n, **meta)
+    index, cov, se = _topk_rows(L, k, batches)
+    return Influence(cov, se, "topk", ref.nbeta, n, index=index, **meta)
+
+
+def susceptibility(
+    ref: ReferenceClass,
+    observable,
+    groups: Mapping[str, Sequence[int]] | Sequence[Sequence[int]],
+    *,
+    query=None,
+    max_draws: int | None = None,
+    batches: int | None = None,
+    losses: np.ndarray | None = None,
+    chunk: int = 4096,
+) -> Susceptibility:
+    """``χ_g = −(nβ/n)·Cov_π(O, Σ_{i∈g} ℓ_i)`` for each group ``g`` of query samples.
+
+    ``χ_g`` is ``d E_π[O] / d ε_g``: the linear response of the posterior mean of ``O``
+    when each sample of ``g`` gets weight ``1 + ε_g`` in ``nβ·L_n`` (docs/influence.md).
+
+    Parameters
+    ----------
+    ref : ReferenceClass
+        Draws with the weights kept and the declaration attached.
+    observable : str, callable or array
+        As in ``influence``: ``"loss"``, ``"defect/<name>"``, any recorded statistic, a
+        callable of the flat weights, or per-draw values ``[chains, draws]``.
+    groups : dict name → indices (or a list of index lists, named "0", "1", ...)
+        Indices into the query set (default: the training samples).
+    """
+    if not isinstance(groups, Mapping):
+        groups = {str(i): g for i, g in enumerate(groups)}
+    if not groups:
+        raise ValueError("groups is empty")
+    idx = _draw_index(ref.num_draws, max_draws, ref.chains)
+    L = (
+        losses
+        if losses is not None
+        else per_sample_losses(ref, query, max_draws=max_draws, chunk=chunk)
+    )
+    q = L.shape[2]
+    sums, sizes = [], {}
+    for name, g in groups.items():
+        g = np.asarray(g, dtype=np.int64).reshape(-1)
+        if g.size and (g.min() < -q or g.max() >= q):
+            raise IndexError(f"group {name!r} has indices outside the query set of {q} samples")
+        sums.append(L[..., g].sum(-1))
+        sizes[str(name)] = int(g.size)
+    G = np.stack(sums, -1)  # [C, S, groups]
+    O = _observable(ref, observable, idx)
+    cov, se = cov_with_stderr(G, O, batches=batches)
+    n = int(ref.config["n"])
+    f = ref.nbeta / n
+    names = list(sizes)
+    return Susceptibility(
+        values={nm: float(-f * cov[i]) for i, nm in enumerate(names)},
+        stderr={nm: float(f * se[i]) for i, nm in enumerate(names)},
+        cov={nm: float(cov[i]) for i, nm in enumerate(names)},
+        sizes=sizes,
+        nbeta=ref.nbeta,
+        n=n,
+        draws=int(G.shape[0] * G.shape[1]),
+    )
