@@ -187,7 +187,7 @@ def _observable(ref: ReferenceClass, observable, idx: np.ndarray, draw_chunk: in
 def _n_batches(S: int, batches: int | None) -> int:
     if batches is None:
         batches = int(round(np.sqrt(S)))
-        batches = min(max(batches, 5), 30)
+        batches = min(max(batches, 5), 20)
     return int(max(1, min(batches, S)))
 
 
@@ -206,7 +206,7 @@ def cov_with_stderr(
 
     The covariance is the mean over all draws of ``(a − ā)(b − b̄)`` (centred at the
     pooled means, divided by ``N − 1``). Its standard error comes from batch means: each
-    chain is cut into ``B`` contiguous batches (default ``√draws``, between 5 and 30);
+    chain is cut into ``B`` contiguous batches (default ``√draws``, between 5 and 20);
     the batch means of the centred products, pooled over chains (``C·B`` of them), have
     sample variance ``v``, and ``se = √(v / (C·B))``. Batch means absorb the
     autocorrelation within a chain up to the batch length; pooling over chains keeps the
@@ -397,7 +397,7 @@ def influence(
     max_draws : int, optional
         Thin to at most this many draws in all (evenly within chains).
     batches : int, optional
-        Batches per chain for the standard errors (default ``√draws``, 5 to 30).
+        Batches per chain for the standard errors (default ``√draws``, 5 to 20).
     losses : numpy.ndarray, optional
         Per-sample losses already computed by ``per_sample_losses`` (same ``max_draws``).
     """
