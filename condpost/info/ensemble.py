@@ -754,13 +754,20 @@ def _check_pairs(pool, pairs, per_pair: int) -> int:
     return pairs
 
 
+def _bootstrap_note(axes) -> str:
+    return (
+        "stderr: two-way half-sampling bootstrap (delete-d jackknife, d = n/2) over "
+        f"{'weight draws and probes' if 'probes' in axes else 'weight draws'}; sampling "
+        "error only, not the estimator's bias."
+    )
+
+
 def _run_mi(
     ref, plan, *, rng, pool, pairs, resample, estimator, bootstrap, seed, progress, opts, on_bound
 ):
     """Mutual information: classify the sides, choose and check the estimator, then sample."""
     from tqdm.auto import tqdm
 
-    from .._errors import warn
     from ._common import InfoWarning
 
     target = plan.target
@@ -888,11 +895,7 @@ def _run_mi(
             f"draws or report a lower bound."
         )
     if bootstrap and reps.size:
-        notes.append(
-            "stderr: two-way half-sampling bootstrap (delete-d jackknife, d = n/2) over "
-            f"{'weight draws and probes' if 'probes' in axes else 'weight draws'}; sampling "
-            "error only, not the estimator's bias."
-        )
+        notes.append(_bootstrap_note(axes))
     settings: dict[str, Any] = {
         "target": target,
         "quantity": "mutual_information",
@@ -1031,49 +1034,12 @@ def _run(
     reps = np.asarray(reps)
     stderr = float(reps.std(ddof=1)) if reps.size > 1 else float("nan")
     notes: list[str] = []
-    atoms = _atoms(x, x_is_label)
-    bound = None
-    if kind == "mi":
-        if target == "input":
-            bound = math.log(plan.m)
-        elif atoms is not None:
-            bound = math.log(atoms)
-        if bound is not None:
-            excess = value - bound
-            # k-NN estimators of discrete × continuous MI reach ψ(N) − ⟨ψ(N_ℓ)⟩ ≈
-            # log m + (m − 1)/(2N) on perfectly separated labels: allow twice that offset
-            m_atoms = plan.m if target == "input" else atoms
-            tol = max(2 * stderr if np.isfinite(stderr) else 0.0, 1e-3, (m_atoms - 1) / pairs)
-            if excess > tol:
-                msg = (
-                    f"the estimate {value:.4g} nats exceeds the bound log m = {bound:.4g} "
-                    f"(m = {m_atoms} distinct values) by more than its error; the estimator "
-                    f"is biased here (too few pairs, or k too small)."
-                )
-                notes.append(msg)
-                from .estimators import InfoWarning
-
-                warn(msg, InfoWarning)
-            elif value > bound - max(tol, 0.02):
-                notes.append(
-                    f"at the bound log m = {bound:.4g}: the probes are (almost) perfectly "
-                    f"distinguishable across the class; a larger value cannot be resolved."
-                )
-        if value > math.log(pairs) - 1.0:
-            notes.append(
-                f"estimate {value:.3g} nats is near log N = {math.log(pairs):.3g} (N = {pairs} "
-                f"pairs): sample-based estimators cannot resolve more than ~log N; use more "
-                f"draws or report a lower bound."
-            )
+    atoms, bound = _atoms(x, x_is_label), None  # entropy: no resolution ceiling applied
     if bootstrap and reps.size:
-        notes.append(
-            "stderr: two-way half-sampling bootstrap (delete-d jackknife, d = n/2) over "
-            f"{'weight draws and probes' if 'probes' in axes else 'weight draws'}; sampling "
-            "error only, not the estimator's bias."
-        )
+        notes.append(_bootstrap_note(axes))
     settings: dict[str, Any] = {
         "target": target,
-        "quantity": "mutual_information" if kind == "mi" else "entropy",
+        "quantity": "entropy",  # mutual information returned through _run_mi above
         "a": plan.a,
         "b": plan.b,
         "source": source if target == "channel" else None,
