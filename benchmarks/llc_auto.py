@@ -15,6 +15,10 @@ Usage::
     python benchmarks/llc_auto.py                         # DLN origin + full, regular
     python benchmarks/llc_auto.py --cases regular --step 2e-4
     python benchmarks/llc_auto.py --step auto --cal-steps 400
+    python benchmarks/llc_auto.py --cases origin --cal-top 2e-3   # ladder 2e-3 … 1.6e-5
+
+A case whose run raises (e.g. the sampler diverges at the chosen step) is reported with
+its error instead of stopping the script.
     python benchmarks/llc_auto.py --json out.json
 """
 
@@ -74,7 +78,11 @@ def nuts_target(post_t, args):
 
 def run_auto(post, args, seed=0):
     step = args.step if args.step == "auto" else float(args.step)
-    cal = {"steps": args.cal_steps} if step == "auto" else None
+    cal = None
+    if step == "auto":
+        cal = {"steps": args.cal_steps}
+        if args.cal_top is not None:  # a given ladder instead of the default 2/h_max top
+            cal["step_sizes"] = [args.cal_top / 2.0**i for i in range(args.cal_rungs)][::-1]
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -103,6 +111,13 @@ def main(argv=None):
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--step", default="auto", help="'auto' or a number")
     p.add_argument("--cal-steps", type=int, default=500)
+    p.add_argument(
+        "--cal-top",
+        type=float,
+        default=None,
+        help="top of the calibration ladder (default 2/h_max)",
+    )
+    p.add_argument("--cal-rungs", type=int, default=8, help="rungs below --cal-top, halving")
     p.add_argument("--chains", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2000)
     p.add_argument("--thin", type=int, default=5)
@@ -129,7 +144,20 @@ def main(argv=None):
             post, post_t, lam_inf, r = dln_case(case, widths, args.n, args.gamma)
             exact, exact_se, t_exact = nuts_target(post_t, args)
             label = f"DLN {widths} {case} (r={r}), n={args.n}"
-        lam, wall, warns = run_auto(post, args)
+        try:
+            lam, wall, warns = run_auto(post, args)
+        except (FloatingPointError, RuntimeError, ValueError) as e:
+            row = {
+                "case": label,
+                "d": post.d,
+                "exact": exact,
+                "exact_se": exact_se,
+                "exact_time_s": t_exact,
+                "error": f"{type(e).__name__}: {e}",
+            }
+            out.append(row)
+            print(f"{label}: exact {exact:.4g} ± {exact_se:.2g}; FAILED {row['error']}", flush=True)
+            continue
         rel = (lam.mean - exact) / exact
         row = {
             "case": label,
