@@ -321,43 +321,70 @@ def calibrate_step_size(
     nb = post.nbeta
     rows, traces = [], {}
     bar = tqdm(total=len(grid) * steps, desc=f"calibrate {method}", disable=not progress)
+
+    def run_rung(eps):
+        kernel = make_kernel(post, method, step_size=eps, batch_size=batch_size, **kernel_kw)
+        pot = kernel.potential_and_grad
+        state = kernel.init(chains, seed)
+        tr = np.full((chains, steps), np.nan)
+        vir = np.full((chains, steps), np.nan)
+        acc = np.full((chains, steps), np.nan)
+        status = "ok"
+        t = -1
+        for t in range(steps):
+            if method == "rmsprop_sgld" and t >= steps // 2:
+                state = state._replace(adapting=False)
+            w0 = state.w
+            try:
+                state, info = kernel.step(None, state)
+            except FloatingPointError:
+                status = f"diverged at step {t}"
+                break
+            if not bool(torch.isfinite(info.potential).all()) or not bool(
+                torch.isfinite(state.w).all()
+            ):
+                status = f"diverged at step {t}"
+                break
+            XB, YB = info.batch
+            tr[:, t] = (nb * (info.loss - _center_batch_loss(post, XB, YB))).cpu().numpy()
+            vir[:, t] = (info.virial / d).cpu().numpy()
+            if accept_proxy:
+                acc[:, t] = _accept(pot, w0, state.w, info, eps).cpu().numpy()
+            bar.update(1)
+        if status != "ok":
+            bar.update(steps - t - 1)
+        traces[eps] = tr
+        rows.append(_row(eps, tr, vir, acc, status, accept_proxy))
+        return status == "ok" or not status.startswith("diverged")
+
+    extra = 0
     try:
         for eps in grid:
-            kernel = make_kernel(post, method, step_size=eps, batch_size=batch_size, **kernel_kw)
-            pot = kernel.potential_and_grad
-            state = kernel.init(chains, seed)
-            tr = np.full((chains, steps), np.nan)
-            vir = np.full((chains, steps), np.nan)
-            acc = np.full((chains, steps), np.nan)
-            status = "ok"
-            t = -1
-            for t in range(steps):
-                if method == "rmsprop_sgld" and t >= steps // 2:
-                    state = state._replace(adapting=False)
-                w0 = state.w
-                try:
-                    state, info = kernel.step(None, state)
-                except FloatingPointError:
-                    status = f"diverged at step {t}"
-                    break
-                if not bool(torch.isfinite(info.potential).all()) or not bool(
-                    torch.isfinite(state.w).all()
-                ):
-                    status = f"diverged at step {t}"
-                    break
-                XB, YB = info.batch
-                tr[:, t] = (nb * (info.loss - _center_batch_loss(post, XB, YB))).cpu().numpy()
-                vir[:, t] = (info.virial / d).cpu().numpy()
-                if accept_proxy:
-                    acc[:, t] = _accept(pot, w0, state.w, info, eps).cpu().numpy()
-                bar.update(1)
-            if status != "ok":
-                bar.update(steps - t - 1)
-            traces[eps] = tr
-            rows.append(_row(eps, tr, vir, acc, status, accept_proxy))
+            run_rung(eps)
+        # The curvature at w* can understate the curvature where the chains go (at a
+        # singular w* the loss Hessian vanishes and only γ is left). When the default
+        # ladder leaves fewer than ``rungs`` rungs that did not diverge, it is extended
+        # downwards, halving, until ``rungs`` consecutive rungs survive (the same two
+        # decades below the edge of stability; at most 30 more halvings).
+        if h_max is not None:
+            alive = sum(not r["status"].startswith("diverged") for r in rows)
+            eps = grid[0]
+            while alive < int(rungs) and extra < 30:
+                eps, extra = eps / 2.0, extra + 1
+                bar.total += steps
+                alive = alive + 1 if run_rung(eps) else 0
+            if extra:
+                grid = sorted(grid + [grid[0] / 2.0**i for i in range(1, extra + 1)])
+                rows.sort(key=lambda r: r["step_size"])
     finally:
         bar.close()
     rec, qualified, reasoning = _decide(rows, tolerance, virial_tol, z)
+    if extra:
+        reasoning = [
+            f"the default ladder (top 2/h_max from the curvature at w*) left fewer than {rungs} "
+            f"rungs that did not diverge; it was extended downwards by {extra} halvings to "
+            f"{min(grid):.3g}."
+        ] + list(reasoning)
     res = StepSizeCalibration(
         method=method,
         rows=rows,

@@ -201,3 +201,25 @@ def test_network_of_a_hundred_thousand_weights():
             post, "sgld", chains=2, steps=200, rungs=5, batch_size=128, progress=False
         )
     assert math.isfinite(res.recommended) and res.recommended > 0 and res.reasoning
+
+
+def test_default_ladder_extends_below_a_singular_centre():
+    """At a singular w* (a two-layer linear network at the origin) the loss Hessian
+    vanishes, the curvature-based ladder starts at 2/γ and every rung of it diverges; the
+    ladder must extend downwards and recommend a step that did not diverge."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    x = torch.randn(2000, 3)
+    y = 0.1 * torch.randn(2000, 2)
+    post = cp.LocalPosterior(net, (x, y), cp.Gaussian(0.1), localization=1.0, check_center=False)
+    cal = cp.calibrate_step_size(post, "sgld", steps=60, chains=4, warn_user=False)
+    # the curvature at w* is only γ plus the small data-noise cross term, far below the
+    # curvature nβ/s²·‖W‖² the chains meet once they leave the origin
+    assert cal.settings["h_max"] < 0.01 * post.nbeta / 0.1**2
+    rec = [r for r in cal.rows if r["step_size"] == cal.recommended][0]
+    assert not rec["status"].startswith("diverged")
+    assert cal.recommended < 2.0 / 2**7  # below the original ladder's bottom rung
+    assert any("extended downwards" in line for line in cal.reasoning)
