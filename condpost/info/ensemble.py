@@ -754,6 +754,27 @@ def _check_pairs(pool, pairs, per_pair: int) -> int:
     return pairs
 
 
+def _half_sample_bootstrap(
+    replicate, rng, pool, plan, axes, bootstrap, pairs, two, desc, progress
+) -> np.ndarray:
+    """Two-way half-sampling bootstrap: each replicate draws half the weight draws (and
+    half the probes when ``"probes" in axes``), ``pairs // 2`` pairs from them, and
+    returns ``replicate(s, j, s2)`` (the estimate on those pairs)."""
+    from tqdm.auto import tqdm
+
+    probe_pool = np.arange(plan.m)
+    reps = []
+    for _ in tqdm(
+        range(bootstrap), desc=desc, disable=not progress, leave=False, dynamic_ncols=True
+    ):
+        dpool = rng.choice(pool, pool.size // 2, replace=False)
+        ppool = (
+            rng.choice(probe_pool, plan.m // 2, replace=False) if "probes" in axes else probe_pool
+        )
+        reps.append(replicate(*_pairs(dpool, ppool, pairs // 2, rng, two)))
+    return np.asarray(reps)
+
+
 def _bootstrap_note(axes) -> str:
     return (
         "stderr: two-way half-sampling bootstrap (delete-d jackknife, d = n/2) over "
@@ -766,7 +787,6 @@ def _run_mi(
     ref, plan, *, rng, pool, pairs, resample, estimator, bootstrap, seed, progress, opts, on_bound
 ):
     """Mutual information: classify the sides, choose and check the estimator, then sample."""
-    from tqdm.auto import tqdm
 
     from ._common import InfoWarning
 
@@ -813,26 +833,23 @@ def _run_mi(
     fixed = dict(choice)
     if choice["kind"] == "continuous":
         fixed["name"] = name  # replicates use the estimator resolved on the full set
-    reps = []
-    if bootstrap:
-        half = pairs // 2
-        for _ in tqdm(
-            range(bootstrap),
-            desc=f"bootstrap mi [{target}]",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-        ):
-            dpool = rng.choice(pool, pool.size // 2, replace=False)
-            ppool = (
-                rng.choice(probe_pool, plan.m // 2, replace=False)
-                if "probes" in axes
-                else probe_pool
-            )
-            sb, jb, s2b = _pairs(dpool, ppool, half, rng, two)
-            xb, yb = _mi_samples(plan, xs, ys, sb, jb, s2b)
-            v, _, _, _, _ = _mi_estimate(fixed, xb, yb, int(rng.integers(2**31)), stderr=None)
-            reps.append(v)
+
+    def replicate(sb, jb, s2b):
+        xb, yb = _mi_samples(plan, xs, ys, sb, jb, s2b)
+        return _mi_estimate(fixed, xb, yb, int(rng.integers(2**31)), stderr=None)[0]
+
+    reps = _half_sample_bootstrap(
+        replicate,
+        rng,
+        pool,
+        plan,
+        axes,
+        bootstrap,
+        pairs,
+        two,
+        f"bootstrap mi [{target}]",
+        progress,
+    )
     reps = np.asarray(reps)
     stderr = float(reps.std(ddof=1)) if reps.size > 1 else float("nan")
     if not np.isfinite(stderr) and np.isfinite(arr_se):
@@ -958,7 +975,6 @@ def _run(
     opts,
     on_bound="label",
 ):
-    from tqdm.auto import tqdm
 
     from ..reference import ReferenceClass
 
@@ -1009,28 +1025,24 @@ def _run(
     value, name, est_settings, raw = _estimate_pairs(x, y, x_is_label, estimator, seed, opts, kind)
     # the replicates use the estimator resolved on the full set (no re-picking by "auto")
     fixed = estimator if name in ("plugin",) else name
-    reps = []
-    if bootstrap:
-        half = pairs // 2
-        for _ in tqdm(
-            range(bootstrap),
-            desc=f"bootstrap {kind} [{target}]",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-        ):
-            dpool = rng.choice(pool, pool.size // 2, replace=False)
-            ppool = (
-                rng.choice(probe_pool, plan.m // 2, replace=False)
-                if "probes" in axes
-                else probe_pool
-            )
-            sb, jb, s2b = _pairs(dpool, ppool, half, rng, plan.two_draws())
-            xb, yb, lab_b = _samples(plan, kind, sb, jb, s2b)
-            v, _, _, _ = _estimate_pairs(
-                xb, yb, lab_b, fixed, int(rng.integers(2**31)), opts, kind, stderr=None
-            )
-            reps.append(v)
+
+    def replicate(sb, jb, s2b):
+        xb, yb, lab_b = _samples(plan, kind, sb, jb, s2b)
+        seed_b = int(rng.integers(2**31))
+        return _estimate_pairs(xb, yb, lab_b, fixed, seed_b, opts, kind, stderr=None)[0]
+
+    reps = _half_sample_bootstrap(
+        replicate,
+        rng,
+        pool,
+        plan,
+        axes,
+        bootstrap,
+        pairs,
+        plan.two_draws(),
+        f"bootstrap {kind} [{target}]",
+        progress,
+    )
     reps = np.asarray(reps)
     stderr = float(reps.std(ddof=1)) if reps.size > 1 else float("nan")
     notes: list[str] = []
