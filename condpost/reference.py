@@ -777,6 +777,18 @@ class ReferenceClass:
                     f"{nm}: binding ratio {b:.3f} < 0.05 — this constraint changes nothing at this "
                     f"tolerance (the loss already pins the feature more tightly)."
                 )
+            elif (
+                b is not None
+                and cfg["family"] == "gaussian"
+                and b - 3 * np.nan_to_num(row.get("binding_se", 0.0)) > 1
+            ):
+                msgs.append(
+                    f"{nm}: binding ratio {b:.3f} ± {row['binding_se']:.2g} is above 1, which "
+                    f"the posterior cannot give for a feature linear near w* (b ∈ [0, 1]): the "
+                    f"draws are not from it (SG-MCMC step too large, or chains not yet "
+                    f"equilibrated: see the virial ratio) or the feature is strongly nonlinear "
+                    f"at this tolerance. Check with a smaller step or an exact sampler."
+                )
             elif b is not None and b > 0.95:
                 msgs.append(
                     f"{nm}: binding ratio {b:.3f} > 0.95 — this constraint, not the loss, sets the "

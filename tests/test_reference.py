@@ -136,3 +136,28 @@ def test_seed_reproducibility_and_rng_isolation():
     assert np.array_equal(a.flat(), b.flat())
     assert not np.array_equal(a.flat(), c.flat())
     assert not np.array_equal(a.flat()[0], a.flat()[1])  # chains use different streams
+
+
+def test_binding_above_one_is_reported_as_impossible():
+    """b = E‖f − f*‖²/(kσ²) ∈ [0, 1] under the posterior for a feature linear near w*
+    (docs/theory.md §2.2). Draws spread 30× wider than the tolerance in output space give
+    b ≫ 1, which the report must call out rather than read as 'the constraint dominates'."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    x = torch.randn(50, 3)
+    y = net(x).detach() + 0.1 * torch.randn(50, 2)
+    post = cp.LocalPosterior(
+        net,
+        (x, y),
+        cp.Gaussian(0.1),
+        localization=1.0,
+        check_center=False,
+        dtype=torch.float64,
+    )
+    post.preserve(cp.Outputs(x[:10], tolerance=0.01))
+    g = torch.Generator().manual_seed(1)
+    W = post.center + 0.3 * torch.randn(2, 200, post.d, generator=g, dtype=post.dtype)
+    ref = cp.ReferenceClass.from_draws(post, W, settings={"method": "test"})
+    with pytest.warns(cp.ConstraintWarning, match="above 1"):
+        rep = ref.preservation()
+    assert rep.rows[0]["binding"] > 10
