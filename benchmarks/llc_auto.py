@@ -80,7 +80,7 @@ def run_auto(post, args, seed=0):
     step = args.step if args.step == "auto" else float(args.step)
     cal = None
     if step == "auto":
-        cal = {"steps": args.cal_steps}
+        cal = {} if args.cal_steps is None else {"steps": args.cal_steps}
         if args.cal_top is not None:  # a given ladder instead of the default 2/h_max top
             cal["step_sizes"] = [args.cal_top / 2.0**i for i in range(args.cal_rungs)][::-1]
     t = time.perf_counter()
@@ -110,7 +110,12 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--step", default="auto", help="'auto' or a number")
-    p.add_argument("--cal-steps", type=int, default=500)
+    p.add_argument(
+        "--cal-steps",
+        type=int,
+        default=None,
+        help="calibration steps per rung (default: calibrate_step_size's, 1000)",
+    )
     p.add_argument(
         "--cal-top",
         type=float,

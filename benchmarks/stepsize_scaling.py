@@ -5,7 +5,8 @@
 * ``regular``: docs/theory.md §4.2's model (d = 6, exact E[λ̂] = 2.9794 at γ = 1). The
   recommended step is then checked with a long SGLD run: λ̂ must be within 3% of exact.
 * ``1e4`` / ``1e5``: MLPs on (a + b) mod 23 with 9,335 and ~10⁵ weights, all lifted,
-  γ = 100. Prints the table, the reasoning and the wall time.
+  γ = 100. Prints the table, the reasoning (with each rung's relaxation-sized length,
+  issue 12), the curvatures h_max and h_min, the total number of steps and the wall time.
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ def network(args, h1, h2) -> None:
         )
     print(f"d = {post.d:,}")
     print(cal)
-    print(f"calibration {time.perf_counter() - t:.1f} s")
+    st = cal.settings
+    print(
+        f"calibration {time.perf_counter() - t:.1f} s; h_max {st['h_max']:.4g}, h_min "
+        f"{st['h_min']:.4g}, {st['total_steps']:,} steps in all ({st['chains']} chains), "
+        f"recommended {cal.recommended:.3g} ({'qualified' if cal.qualified else 'fallback'})"
+    )
 
 
 def main(argv=None) -> None:

@@ -5,7 +5,8 @@ a geometric **ladder** of step sizes and recommends the largest step whose bias 
 (the LLC) and on the virial ratio is within a stated ``tolerance``. It always returns a
 step size, with the reasoning that led to it.
 
-**What is measured per rung** (last half of each run, any ``steps ≥ 20``):
+**What is measured per rung** (last half of each run, any ``steps ≥ 20``; the run's
+length is set by its relaxation time, below):
 
 * ``llc`` — λ̂ = mean of ``nβ·(L_B(w) − L_B(w*))`` (the gradient batch, paired with
   ``w*``; the batch is drawn with replacement, so it is independent of ``w``), with its
@@ -37,13 +38,49 @@ returned (else the smallest that did not diverge, else the smallest tried), with
 shrink the MC error, a lower ladder). ``StepSizeCalibration.reasoning`` lists the
 decision for every rung.
 
+**Relaxation-sized rungs (issue 12).** A rung's statistics mean something only once its
+chains have forgotten where they started. In a direction of curvature ``h`` SGLD is the
+autoregression ``x_{t+1} = (1 − εh/2)·x_t + √ε·ξ_t``: the mean forgets its start like
+``e^{−εht/2}`` and the spread (what λ̂ and the virial read) like ``e^{−εht}``, so the
+relaxation time is ``τ = 1/(εh)`` steps (``1/(ε√h)`` for RMSProp-SGLD, whose
+preconditioner is ``≈ 1/√h`` there; ``max(α/(ηh), 1/√(ηh))`` for SGHMC and SGNHT with
+friction ``α``). The slowest direction sets it: ``h_min``, the smallest eigenvalue of
+the Hessian of ``U`` at ``w*`` (``bottom_curvature``), never below ``γ``. At a singular
+``w*`` (a deep linear network at the origin; the symmetry directions of a full-rank
+teacher) the loss Hessian has a null space and ``h_min = γ``: ``τ = 1/(εγ)``, so every
+halving of the step doubles it. Rungs of a fixed length (1000 steps) cannot relax below
+``ε ≈ 1/(1000γ)``; their λ̂ and virial were read while the spread was still growing
+(virial 0.4–0.7 on the DLN [4,3,8] at the origin), the bias fit rested on unrelaxed rungs,
+and the recommendation was a step whose real bias on λ̂ was +5%.
+
+So the rung at ``ε`` runs ``max(steps, relax·τ(ε))`` steps (``relax = 1``), at most
+``max_steps`` (default ``32·steps``). The ladder is run from the largest step down and each
+rung starts where the rung above ended (the first at ``w*``): that state is stationary
+for a step twice as large, whose law differs from this rung's by about this rung's own
+bias. That offset decays like ``e^{−t/τ}``; over the judged half ``[τ/2, τ]`` about half of
+it is left, and since the rung above is more biased in the same direction, what is left
+makes the rung read *more* biased: the fitted slope can be up to ~1.5× too steep, an
+error towards smaller steps, never larger ones. Each rung draws a fresh noise stream
+(replaying the stream that built its start correlates the new noise with the start and
+inflated the virial by 20% on a Gaussian test model). A **relaxation check** follows:
+when ``‖w − w*‖²`` (chain mean) changed between the third and the fourth quarter of the
+rung by more than ``2·tolerance`` (relative) and three standard errors (from the spread
+of the per-chain changes), the rung is doubled, up to ``max_steps``, and judged again on
+the last half of the whole run; still drifting at the cap, it is marked "not relaxed"
+and not judged. A rung that would need more than ``max_steps`` steps is "too slow to
+relax": it runs only ``steps`` steps from ``w*`` (what a user's short run at that step
+would give), is not judged, and the downward extension of the default ladder stops
+there. The rung lengths double per halving, so the whole ladder costs about
+``rungs·steps + 2·relax·τ(ε_min)`` steps (``relax=0``: fixed ``steps``-step rungs from
+``w*``, the behaviour before issue 12).
+
 **Default ladder.** The top curvature ``h_max`` of ``U`` at ``w*`` (power iteration on
 Hessian-vector products, ``top_curvature``) bounds the stable SGLD step (``ε < 4/h_max``
 for the drift of a quadratic). The ladder starts at ``2/h_max`` (η = ``1/h_max`` for SGHMC
 and SGNHT, ``2/√h_max`` for RMSProp-SGLD, whose preconditioner ``G ≈ 1/√h`` rescales the
 curvature) and halves ``rungs`` times (default 8, two decades). It works unchanged from
-d = 40 to d = 10⁵: the cost is ``rungs × steps`` vectorized steps plus ~30 Hessian-vector
-products.
+d = 40 to d = 10⁵: the cost is the rungs' vectorized steps (above) plus ~60 Hessian-vector
+products for ``h_max`` and ``h_min``.
 
 ``resolve_step_size(post, method, options)`` turns ``step_size="auto"`` in a sampler's
 options into the recommended number (``post.sample("sgld", step_size="auto")``).
@@ -63,7 +100,14 @@ from ._errors import SamplerWarning, warn
 if TYPE_CHECKING:  # pragma: no cover
     from .posterior import LocalPosterior
 
-__all__ = ["calibrate_step_size", "StepSizeCalibration", "resolve_step_size", "top_curvature"]
+__all__ = [
+    "calibrate_step_size",
+    "StepSizeCalibration",
+    "resolve_step_size",
+    "top_curvature",
+    "bottom_curvature",
+    "relaxation_time",
+]
 
 #: the smallest ``steps`` accepted (the statistics use the last half: ≥ 10 draws per chain)
 MIN_STEPS = 20
@@ -148,6 +192,71 @@ def default_ladder(post: LocalPosterior, method: str, rungs: int = 8, h_max=None
     return [top / 2.0**i for i in range(int(rungs))][::-1]
 
 
+def bottom_curvature(
+    post: LocalPosterior,
+    h_max: float | None = None,
+    *,
+    iters: int = 30,
+    seed: int = 1,
+    rtol: float = 1e-3,
+) -> float:
+    """Smallest eigenvalue of the Hessian of ``U`` at ``w*`` (never below ``γ``).
+
+    Power iteration on ``h_max·I − H`` (Hessian-vector products, as ``top_curvature``): its
+    top eigenvalue is ``h_max − h_min``. Power iteration approaches that from below, so
+    the estimate of ``h_min`` errs high; it is clipped to ``[γ, h_max]``. At a singular
+    ``w*`` (a deep linear network at the origin, a full-rank teacher's symmetry
+    directions) the loss Hessian has a null space and ``h_min = γ``.
+
+    Parameters
+    ----------
+    post : LocalPosterior
+    h_max : float, optional
+        The top curvature (default: ``top_curvature(post)``).
+    iters, seed, rtol :
+        As for ``top_curvature``.
+    """
+    gam = float(post.localization)
+    h = top_curvature(post) if h_max is None else float(h_max)
+    w0 = post.center.detach().clone()
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    v = torch.randn(w0.shape, generator=g, dtype=torch.float64).to(w0)
+    v = v / v.norm()
+    mu, mu_old = 0.0, None
+    for it in range(int(iters)):
+        x = w0.clone().requires_grad_(True)
+        with torch.enable_grad():
+            u = post.potential(x)
+            (gr,) = torch.autograd.grad(u, x, create_graph=True)
+            (hv,) = torch.autograd.grad(gr, x, grad_outputs=v)
+        sv = h * v - hv.detach()
+        if not bool(torch.isfinite(sv).all()):
+            return gam
+        mu = float(torch.dot(v, sv))
+        nrm = float(sv.norm())
+        if nrm <= 1e-12 * max(h, 1e-300):  # H = h_max·I: every direction is equally stiff
+            break
+        v = sv / nrm
+        if it >= 5 and mu_old is not None and abs(mu - mu_old) <= rtol * max(abs(mu), 1e-300):
+            break
+        mu_old = mu
+    return float(min(max(h - mu, gam), h))
+
+
+def relaxation_time(method: str, step_size: float, h_min: float, friction: float = 0.1) -> float:
+    """Steps for the slowest direction's spread to relax by a factor ``e`` (module docs).
+
+    ``1/(ε·h_min)`` for SGLD, ``1/(ε·√h_min)`` for RMSProp-SGLD, ``max(α/(η·h_min),
+    1/√(η·h_min))`` for SGHMC and SGNHT (friction ``α``); the same reasoning as
+    ``condpost.calibration``'s SG-MCMC pilots, which warm up for four of these."""
+    eps, h = float(step_size), float(h_min)
+    if method in ("sghmc", "sgnht"):
+        return max(float(friction) / (eps * h), 1.0 / math.sqrt(eps * h))
+    if method == "rmsprop_sgld":
+        return 1.0 / (eps * math.sqrt(h))
+    return 1.0 / (eps * h)
+
+
 # ---------------------------------------------------------------------------------------
 # result
 # ---------------------------------------------------------------------------------------
@@ -189,6 +298,7 @@ class StepSizeCalibration:
 
         cols = [
             "step_size",
+            "steps",
             "llc",
             "llc_se",
             "llc_bias",
@@ -244,6 +354,8 @@ def calibrate_step_size(
     accept_proxy: bool | str = "auto",
     target_accept: float | None = None,
     warn_user: bool = True,
+    relax: float = 1.0,
+    max_steps: int | None = None,
     **kernel_kw,
 ) -> StepSizeCalibration:
     """Recommend the largest step size whose bias on λ̂ and the virial is within tolerance.
@@ -262,8 +374,9 @@ def calibrate_step_size(
         Chains per rung (default ``clip(⌈4000/d⌉, 4, 64)``: more chains where a draw
         carries little information).
     steps : int
-        Steps per chain and rung, any integer ≥ 20 (default 1000); the statistics use the
-        last half.
+        The least number of steps per chain and rung, any integer ≥ 20 (default 1000); a
+        rung runs ``max(steps, relax·τ(ε))`` steps, doubled (up to ``max_steps``) while
+        ``‖w − w*‖²`` still drifts (module docs). The statistics use the last half.
     batch_size : int, optional
         Minibatch size (default ``min(n, 256)``; use the one you will sample with).
     seed : int
@@ -284,6 +397,15 @@ def calibrate_step_size(
         Deprecated, ignored (the acceptance proxy no longer decides); kept so old calls run.
     warn_user : bool
         Warn when the recommendation is a fallback.
+    relax : float
+        Rung length in relaxation times ``τ(ε)`` of the slowest direction at ``w*``
+        (default 1; the rungs start where the rung above ended, so one τ is enough for
+        the judged half). ``0``: every rung runs exactly ``steps`` steps from ``w*`` (the
+        behaviour before issue 12).
+    max_steps : int, optional
+        Cap on one rung's length (default ``32·steps``). A rung that would need more is
+        run ``steps`` steps from ``w*`` only to show it, marked "too slow to relax", and
+        not judged; the downward extension of the default ladder stops there.
     **kernel_kw
         Passed to the kernel (``friction``, ``alpha``, ``eps``, ``compile``).
     """
@@ -305,6 +427,14 @@ def calibrate_step_size(
         raise ValueError(f"z must be a finite number ≥ 0; got {z!r}")
     if int(rungs) != rungs or rungs < 2:
         raise ValueError(f"rungs must be an integer ≥ 2; got {rungs!r}")
+    if isinstance(relax, bool) or not (isinstance(relax, (int, float)) and relax >= 0):
+        raise ValueError(f"relax must be a number ≥ 0; got {relax!r}")
+    relax = float(relax)
+    if max_steps is None:
+        max_steps = 32 * int(steps)
+    if isinstance(max_steps, bool) or int(max_steps) != max_steps or max_steps < steps:
+        raise ValueError(f"max_steps must be an integer ≥ steps = {steps}; got {max_steps!r}")
+    max_steps = int(max_steps)
     d = post.d
     steps = int(steps)
     chains = int(chains) if chains is not None else int(min(64, max(4, math.ceil(4000 / d))))
@@ -319,63 +449,128 @@ def calibrate_step_size(
         accept_proxy = method in ("sgld", "rmsprop_sgld") and d <= 20000
     accept_proxy = bool(accept_proxy) and method in ("sgld", "rmsprop_sgld")
     nb = post.nbeta
+    # relaxation-sized rungs (module docs): the slowest curvature at w* sets each rung's
+    # relaxation time τ(ε); a rung runs max(steps, relax·τ) steps, at most max_steps
+    h_min = None
+    if relax > 0:
+        h_top = top_curvature(post) if h_max is None else h_max
+        h_min = bottom_curvature(post, h_top)
+    friction = float(kernel_kw.get("friction", 0.1))
     rows, traces = [], {}
-    bar = tqdm(total=len(grid) * steps, desc=f"calibrate {method}", disable=not progress)
+    bar = tqdm(total=0, desc=f"calibrate {method}", disable=not progress)
+    carry: dict = {"w": None}
+    drift_tol = 2.0 * float(tolerance)
 
     def run_rung(eps):
+        """Run one rung; return (did not diverge, could relax within max_steps)."""
+        tau = None if h_min is None else relaxation_time(method, eps, h_min, friction)
+        slow = tau is not None and relax * tau > max_steps
+        target = (
+            steps
+            if (tau is None or slow)
+            else int(min(max(steps, math.ceil(relax * tau)), max_steps))
+        )
         kernel = make_kernel(post, method, step_size=eps, batch_size=batch_size, **kernel_kw)
         pot = kernel.potential_and_grad
-        state = kernel.init(chains, seed)
-        tr = np.full((chains, steps), np.nan)
-        vir = np.full((chains, steps), np.nan)
-        acc = np.full((chains, steps), np.nan)
+        # warm start from the rung above (already relaxed at a nearby step) unless this rung
+        # cannot relax within the cap: then it starts at w*, as a user's run would
+        start = carry["w"] if (tau is not None and not slow) else None
+        # a fresh noise stream per rung: replaying the rung above's stream from a state
+        # built from it correlates the new noise with the start and inflates the spread
+        state = kernel.init(chains, seed + 7919 * len(rows), w0=start)
+        tr, vir, acc, d2 = [], [], [], []
         status = "ok"
-        t = -1
-        for t in range(steps):
-            if method == "rmsprop_sgld" and t >= steps // 2:
-                state = state._replace(adapting=False)
-            w0 = state.w
-            try:
-                state, info = kernel.step(None, state)
-            except FloatingPointError:
-                status = f"diverged at step {t}"
+        t = 0
+        extended = 0
+        bar.total += target
+        bar.refresh()
+        nanrow = np.full(chains, np.nan)
+        while True:
+            while t < target:
+                if method == "rmsprop_sgld" and t >= target // 2 and state.adapting:
+                    state = state._replace(adapting=False)
+                w0 = state.w
+                try:
+                    state, info = kernel.step(None, state)
+                except FloatingPointError:
+                    status = f"diverged at step {t}"
+                    break
+                if not bool(torch.isfinite(info.potential).all()) or not bool(
+                    torch.isfinite(state.w).all()
+                ):
+                    status = f"diverged at step {t}"
+                    break
+                XB, YB = info.batch
+                tr.append((nb * (info.loss - _center_batch_loss(post, XB, YB))).cpu().numpy())
+                vir.append((info.virial / d).cpu().numpy())
+                d2.append(((state.w - post.center) ** 2).sum(-1).cpu().numpy())
+                acc.append(
+                    _accept(pot, w0, state.w, info, eps).cpu().numpy() if accept_proxy else nanrow
+                )
+                t += 1
+                bar.update(1)
+            if status != "ok":
+                bar.update(target - t)
                 break
-            if not bool(torch.isfinite(info.potential).all()) or not bool(
-                torch.isfinite(state.w).all()
-            ):
-                status = f"diverged at step {t}"
-                break
-            XB, YB = info.batch
-            tr[:, t] = (nb * (info.loss - _center_batch_loss(post, XB, YB))).cpu().numpy()
-            vir[:, t] = (info.virial / d).cpu().numpy()
-            if accept_proxy:
-                acc[:, t] = _accept(pot, w0, state.w, info, eps).cpu().numpy()
-            bar.update(1)
-        if status != "ok":
-            bar.update(steps - t - 1)
-        traces[eps] = tr
-        rows.append(_row(eps, tr, vir, acc, status, accept_proxy))
-        return status == "ok" or not status.startswith("diverged")
+            # relaxation check: ‖w − w*‖² still moving between the 3rd and 4th quarter →
+            # double the rung (up to the cap) and judge its last half again
+            if tau is not None and not slow and target < max_steps:
+                if _drifting(np.stack(d2, 1), drift_tol):
+                    new = int(min(2 * target, max_steps))
+                    bar.total += new - target
+                    bar.refresh()
+                    target, extended = new, extended + 1
+                    continue
+            break
+        T = max(len(tr), 1)
+
+        def stack(xs):
+            return np.stack(xs, 1) if xs else np.full((chains, 1), np.nan)
+
+        trs, virs, accs, d2s = stack(tr), stack(vir), stack(acc), stack(d2)
+        traces[eps] = trs
+        row = _row(eps, trs, virs, accs, status, accept_proxy)
+        drifting = status == "ok" and tau is not None and _drifting(d2s, drift_tol)
+        if slow:
+            row["status"] = (
+                f"too slow to relax (needs ≈{relax * tau:,.0f} steps > max_steps={max_steps:,})"
+            )
+        elif drifting and row["status"] == "ok":
+            row["status"] = "not relaxed (‖w − w*‖² still drifting)"
+        row.update(
+            steps=T if status == "ok" else t,
+            relaxation_time=float("nan") if tau is None else float(tau),
+            start="w*" if start is None else "previous rung",
+            extended=extended,
+        )
+        rows.append(row)
+        if status == "ok":
+            carry["w"] = state.w.detach().clone()
+        return status == "ok" or not status.startswith("diverged"), not slow
 
     extra = 0
     try:
-        for eps in grid:
+        # from the largest step down: each rung starts where the rung above ended
+        for eps in sorted(grid, reverse=True):
             run_rung(eps)
         # The curvature at w* can understate the curvature where the chains go (at a
         # singular w* the loss Hessian vanishes and only γ is left). When the default
         # ladder leaves fewer than ``rungs`` rungs that did not diverge, it is extended
         # downwards, halving, until ``rungs`` consecutive rungs survive (the same two
-        # decades below the edge of stability; at most 30 more halvings).
+        # decades below the edge of stability; at most 30 more halvings), or until a rung
+        # cannot relax within ``max_steps`` (the ones below it would relax slower still).
         if h_max is not None:
             alive = sum(not r["status"].startswith("diverged") for r in rows)
             eps = grid[0]
             while alive < int(rungs) and extra < 30:
                 eps, extra = eps / 2.0, extra + 1
-                bar.total += steps
-                alive = alive + 1 if run_rung(eps) else 0
+                ok, can_relax = run_rung(eps)
+                alive = alive + 1 if ok else 0
+                if not can_relax:
+                    break
             if extra:
                 grid = sorted(grid + [grid[0] / 2.0**i for i in range(1, extra + 1)])
-                rows.sort(key=lambda r: r["step_size"])
+        rows.sort(key=lambda r: r["step_size"])
     finally:
         bar.close()
     rec, qualified, reasoning = _decide(rows, tolerance, virial_tol, z)
@@ -384,6 +579,14 @@ def calibrate_step_size(
             f"the default ladder (top 2/h_max from the curvature at w*) left fewer than {rungs} "
             f"rungs that did not diverge; it was extended downwards by {extra} halvings to "
             f"{min(grid):.3g}."
+        ] + list(reasoning)
+    if h_min is not None:
+        lens = ", ".join(f"{r['step_size']:.3g}: {r['steps']:,}" for r in rows)
+        reasoning = [
+            f"rung lengths from the relaxation time τ(ε) of the slowest direction at w* "
+            f"(curvature h_min = {h_min:.4g}; τ = {_tau_formula(method)}): max(steps, "
+            f"{relax:g}·τ) ≤ max_steps = {max_steps:,}, doubled while ‖w − w*‖² drifted; "
+            f"each rung started where the rung above ended. Steps run: {lens}."
         ] + list(reasoning)
     res = StepSizeCalibration(
         method=method,
@@ -401,6 +604,10 @@ def calibrate_step_size(
             "virial_tol": virial_tol,
             "z": float(z),
             "h_max": h_max,
+            "h_min": h_min,
+            "relax": relax,
+            "max_steps": max_steps,
+            "total_steps": int(sum(r["steps"] for r in rows)),
             "nbeta": nb,
             "localization": post.localization,
             "d": d,
@@ -413,6 +620,31 @@ def calibrate_step_size(
             SamplerWarning,
         )
     return res
+
+
+def _tau_formula(method: str) -> str:
+    return {
+        "sgld": "1/(ε·h_min)",
+        "rmsprop_sgld": "1/(ε·√h_min)",
+    }.get(method, "max(α/(η·h_min), 1/√(η·h_min))")
+
+
+def _drifting(d2: np.ndarray, tol: float) -> bool:
+    """Whether ``‖w − w*‖²`` (``[chains, T]``) still moves between the 3rd and 4th quarter.
+
+    The change of the chain-averaged quarter means must exceed both ``tol`` (relative)
+    and three standard errors (from the spread of the per-chain changes; chains are
+    independent, so slow fluctuations are counted)."""
+    T = d2.shape[1]
+    if T < 8:
+        return False
+    q3 = d2[:, T // 2 : (3 * T) // 4].mean(1)
+    q4 = d2[:, (3 * T) // 4 :].mean(1)
+    diff = q4 - q3
+    m = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else 0.0
+    scale = abs(float(q4.mean()))
+    return bool(abs(m) > tol * scale and abs(m) > 3.0 * se)
 
 
 def _accept(pot, w0, w1, info, eps) -> torch.Tensor:

@@ -223,3 +223,57 @@ def test_default_ladder_extends_below_a_singular_centre():
     assert not rec["status"].startswith("diverged")
     assert cal.recommended < 2.0 / 2**7  # below the original ladder's bottom rung
     assert any("extended downwards" in line for line in cal.reasoning)
+
+
+def _half_identified(gamma=10.0, n=1000, din=3, null=2, k=2, seed=4):
+    """§4.2's whitened model with ``null`` all-zero input columns: their ``k·null`` weights
+    are held only by the localizer, so the slowest curvature of U is exactly γ and the
+    chains' relaxation time at step ε is 1/(εγ); λ̂'s exact mean is unchanged."""
+    from analytic import LinearGaussianProblem
+
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, din, generator=g, dtype=torch.float64))
+    Xi = Q * math.sqrt(n)
+    Y = Xi @ torch.randn(k, din, generator=g, dtype=torch.float64).T
+    Y = Y + torch.randn(n, k, generator=g, dtype=torch.float64)
+    W = torch.cat(
+        [torch.linalg.lstsq(Xi, Y).solution.T, torch.zeros(k, null, dtype=torch.float64)], 1
+    )
+    X = torch.cat([Xi, torch.zeros(n, null, dtype=torch.float64)], 1)
+    prob = LinearGaussianProblem(X, Y, 1.0, n / math.log(n), gamma, W.reshape(-1).numpy(), [])
+    post = cp.LocalPosterior(
+        linear_net(prob), (prob.X, prob.Y), cp.Gaussian(scale=1.0), localization=gamma
+    )
+    return prob, post
+
+
+def test_rungs_are_sized_by_the_relaxation_time():
+    """Issue 12: each rung runs max(steps, τ) with τ = 1/(εγ) (the localizer-held directions),
+    starting where the rung above ended, so the small rungs are relaxed (virial ≈ 1) where
+    fixed 40-step rungs from w* are not; the recommended step's λ̂ matches the exact value
+    within the tolerance plus 3 MC standard errors."""
+    prob, post = _half_identified()
+    gamma, exact = prob.gamma, prob.expected_nbeta_dL()
+    kw = dict(chains=64, steps=40, rungs=7, batch_size=1000, seed=2, progress=False)
+    cal = calibrate_step_size(post, "sgld", accept_proxy=False, warn_user=False, **kw)
+    assert cal.settings["h_min"] == pytest.approx(gamma, rel=1e-6)
+    for r in cal.rows:
+        assert r["relaxation_time"] == pytest.approx(1.0 / (r["step_size"] * gamma), rel=1e-9)
+        # max(steps, τ), doubled (up to max_steps) only while ‖w − w*‖² drifted
+        base = max(40, math.ceil(r["relaxation_time"]))
+        cap = cal.settings["max_steps"]
+        assert r["steps"] in {min(base * 2**j, cap) for j in range(6)}, r
+    small = [r for r in cal.rows if r["relaxation_time"] > 100]
+    assert len(small) >= 2
+    for r in small:  # relaxed: the virial ratio is 1 up to SGLD's O(ε) bias and MC error
+        assert r["status"] == "ok", str(cal)
+        assert abs(r["virial"] - 1.0) <= 0.03 + 3 * r["virial_se"], str(cal)
+    rec = next(r for r in cal.rows if r["step_size"] == cal.recommended)
+    assert cal.qualified, str(cal)
+    assert abs(rec["llc"] - exact) <= 0.02 * exact + 3 * rec["llc_se"], (rec, exact)
+    assert any("relaxation time" in line for line in cal.reasoning)
+    # the same ladder with fixed rungs from w* (relax=0): the smallest rungs cannot relax
+    old = calibrate_step_size(post, "sgld", accept_proxy=False, warn_user=False, relax=0, **kw)
+    assert all(r["steps"] == 40 for r in old.rows)
+    low = min(old.rows, key=lambda r: r["step_size"])
+    assert low["virial"] < 0.8, str(old)
