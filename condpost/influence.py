@@ -62,31 +62,6 @@ def _flat_draws(ref: ReferenceClass, idx: np.ndarray, what: str) -> torch.Tensor
     )
 
 
-def _query(post, query) -> tuple[torch.Tensor, torch.Tensor]:
-    if query is None:
-        return post.x, post.y
-    if not isinstance(query, (tuple, list)) or len(query) != 2:
-        raise TypeError(
-            "query must be None (the training data) or a pair (x, y) of tensors; got "
-            f"{type(query).__name__}"
-        )
-    from .constraints import _prepare_probes
-
-    x = _prepare_probes(post, query[0], "query x")
-    y = torch.as_tensor(query[1])
-    if y.is_floating_point():
-        y = y.to(dtype=post.y.dtype)
-    y = y.to(post.y.device)
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"query x has {x.shape[0]} rows but query y has {y.shape[0]}")
-    if tuple(y.shape[1:]) != tuple(post.y.shape[1:]):
-        raise ValueError(
-            f"query y has shape {tuple(y.shape)}; the training targets have shape "
-            f"{tuple(post.y.shape)}"
-        )
-    return x, y
-
-
 def per_sample_losses(
     ref: ReferenceClass,
     query=None,
@@ -119,27 +94,44 @@ def per_sample_losses(
         float64 ``[chains, draws', q]``; ``draws'`` is ``ref.num_draws`` unless
         ``max_draws`` thinned it.
     """
+    from .infer.record import LossRecorder
+
     post = ref._need_posterior("per_sample_losses()")
     idx = _draw_index(ref.num_draws, max_draws, ref.chains)
     W = _flat_draws(ref, idx, "per_sample_losses()")
-    x, y = _query(post, query)
-    q = int(x.shape[0])
-    lik = post.likelihood
-    chunk, draw_chunk = max(1, int(chunk)), max(1, int(draw_chunk))
-    out = np.empty((W.shape[0], q), dtype=np.float64)
-    net_name = type(post.lifted.net).__name__
-    with torch.no_grad():
-        for a in range(0, q, chunk):
-            xb, yb = x[a : a + chunk], y[a : a + chunk]
-
-            def one(w, xb=xb, yb=yb):
-                return lik.nll(post.lifted.forward(w, xb), yb)
-
-            fn = batched(one, f"per-sample losses ({net_name})")
-            for s in range(0, W.shape[0], draw_chunk):
-                v = fn(W[s : s + draw_chunk])
-                out[s : s + draw_chunk, a : a + chunk] = v.detach().cpu().double().numpy()
+    rec = LossRecorder(post, query, chunk=chunk, what="query")
+    out = rec.evaluate(W, draw_chunk=max(1, int(draw_chunk))).astype(np.float64, copy=False)
+    q = rec.q
     return out.reshape(ref.chains, len(idx), q)
+
+
+def _losses(ref: ReferenceClass, query, losses, max_draws, chunk):
+    """``(ℓ [chains, draws', q], draw indices)``: given, recorded by the sampler
+    (``record_losses=``; used for ``query=None`` when the training data were recorded,
+    and for ``query="recorded"``), or evaluated at the kept draws."""
+    rec = ref.records.get("losses") if ref.records else None
+    info = ref.settings.get("record_losses") or {}
+    use_rec = (
+        losses is None
+        and rec is not None
+        and (
+            (isinstance(query, str) and query == "recorded")
+            or (query is None and info.get("query") == "train")
+        )
+    )
+    if isinstance(query, str) and query == "recorded" and rec is None:
+        raise ValueError(
+            'query="recorded" needs per-sample losses recorded while sampling: '
+            "post.sample(..., record_losses=True or (x, y))"
+        )
+    if use_rec:
+        every = int(info.get("every", 1))
+        rows = _draw_index(rec.shape[1], max_draws, ref.chains)
+        return np.asarray(rec[:, rows], dtype=np.float64), rows * every
+    idx = _draw_index(ref.num_draws, max_draws, ref.chains)
+    if losses is not None:
+        return losses, idx
+    return per_sample_losses(ref, query, max_draws=max_draws, chunk=chunk), idx
 
 
 # --------------------------------------------------------------------------- observables
@@ -401,12 +393,7 @@ def influence(
     losses : numpy.ndarray, optional
         Per-sample losses already computed by ``per_sample_losses`` (same ``max_draws``).
     """
-    idx = _draw_index(ref.num_draws, max_draws, ref.chains)
-    L = (
-        losses
-        if losses is not None
-        else per_sample_losses(ref, query, max_draws=max_draws, chunk=chunk)
-    )
+    L, idx = _losses(ref, query, losses, max_draws, chunk)
     if L.shape[:2] != (ref.chains, len(idx)):
         raise ValueError(f"losses have shape {L.shape}; expected [{ref.chains}, {len(idx)}, q]")
     n = int(ref.config["n"])
@@ -455,12 +442,7 @@ def susceptibility(
         groups = {str(i): g for i, g in enumerate(groups)}
     if not groups:
         raise ValueError("groups is empty")
-    idx = _draw_index(ref.num_draws, max_draws, ref.chains)
-    L = (
-        losses
-        if losses is not None
-        else per_sample_losses(ref, query, max_draws=max_draws, chunk=chunk)
-    )
+    L, idx = _losses(ref, query, losses, max_draws, chunk)
     q = L.shape[2]
     sums, sizes = [], {}
     for name, g in groups.items():

@@ -190,7 +190,9 @@ class ReferenceClass:
         if result.fault:
             settings["fault"] = result.fault
         if draws is None:
-            return cls.from_stats(post, None, stats, settings=settings, store=result.store)
+            ref = cls.from_stats(post, None, stats, settings=settings, store=result.store)
+            ref.records = dict(result.records)
+            return ref
         if isinstance(draws, torch.Tensor):
             draws = draws.detach().cpu().numpy()
         C, S, d = draws.shape
@@ -230,7 +232,12 @@ class ReferenceClass:
             for k, v in ev.items():
                 stats.setdefault(k, v.reshape(C, S).cpu().numpy())
         stats.setdefault("sampler/diverging", np.zeros((C, S), dtype=bool))
-        return cls._build(post, draws, stats, settings, result.store)
+        ref = cls._build(post, draws, stats, settings, result.store)
+        if result.records:
+            ref.records = {
+                k: v[:, : -(-S // _record_every(settings))] for k, v in result.records.items()
+            }
+        return ref
 
     @classmethod
     def _build(cls, post, draws, stats, settings, store) -> ReferenceClass:
@@ -378,6 +385,9 @@ class ReferenceClass:
         return cls._build(post, draws, stats, settings, store)
 
     store: str | None = None
+    #: arrays recorded along the chains: ``"losses"`` ``[chains, draws', q]`` (per-sample
+    #: losses of ``record_losses=``; ``settings["record_losses"]`` says of what and how thinned)
+    records: dict = {}
 
     # ------------------------------------------------------------------ basic access
     @property
@@ -913,6 +923,8 @@ class ReferenceClass:
             arrays["draws"] = np.asarray(self._draws)
         for k, v in self._stats.items():
             arrays[f"stat:{k}"] = v
+        for k, v in self.records.items():
+            arrays[f"record:{k}"] = np.asarray(v)
         meta = json.dumps(self._metadata(), default=_json_default)
         arrays["metadata"] = np.array(meta)
         # atomic: a crash mid-save leaves the previous file (if any) intact
@@ -941,6 +953,7 @@ class ReferenceClass:
                 draws = z["draws"] if "draws" in z.files else None
                 center = z["center"]
                 stats = {k[len("stat:") :]: z[k] for k in z.files if k.startswith("stat:")}
+                records = {k[7:]: z[k] for k in z.files if k.startswith("record:")}
         except ValueError:
             raise
         except Exception as e:  # a truncated or altered archive (zip CRC, short read, ...)
@@ -957,6 +970,7 @@ class ReferenceClass:
             created=meta.get("created"),
         )
         ref._source = str(path)
+        ref.records = records
         if posterior is not None:
             ref.attach(posterior)
         return ref
@@ -1034,3 +1048,7 @@ def _json_default(o):
     if isinstance(o, (tuple, set)):
         return list(o)
     return str(o)
+
+
+def _record_every(settings: dict) -> int:
+    return int(((settings or {}).get("record_losses") or {}).get("every", 1))

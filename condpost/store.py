@@ -376,9 +376,9 @@ def _read_checkpoint(path: Path, meta: dict, *, for_resume: bool) -> dict | None
         return StoreError(f"{ck}: damaged checkpoint: {what}")
 
     required = ["done", "step", "wall"]
-    if for_resume:
-        required += ["w", "rng", "adapt_steps", "adapting"]
     missing = [k for k in required if k not in arrays]
+    if for_resume and "state:w" not in arrays and "w" not in arrays:
+        missing.append("state:w")
     if missing:
         raise bad(f"missing entries {missing}")
     for k in ("done", "step", "wall", "adapt_steps", "adapting"):
@@ -388,8 +388,9 @@ def _read_checkpoint(path: Path, meta: dict, *, for_resume: bool) -> dict | None
     if done.dtype.kind not in "iu" or not 0 <= int(done) <= int(meta["draws"]):
         raise bad(f"'done' is {done!r}; expected an integer in [0, {meta['draws']}]")
     C, d = int(meta["chains"]), int(meta["d"])
-    if "w" in arrays and arrays["w"].shape != (C, d):
-        raise bad(f"'w' has shape {arrays['w'].shape}, expected ({C}, {d})")
+    for k in ("w", "state:w"):
+        if k in arrays and arrays[k].shape != (C, d):
+            raise bad(f"{k!r} has shape {arrays[k].shape}, expected ({C}, {d})")
     for k, v in arrays.items():
         if k.startswith("stat:") and (v.ndim != 2 or v.shape[0] != C):
             raise bad(f"{k!r} has shape {v.shape}, expected ({C}, ·)")
@@ -694,7 +695,11 @@ class RunStore:
                     f"draws per chain; pass draws ≥ {done}"
                 )
             step, wall = int(ckpt["step"]), float(ckpt["wall"])
-            for k, m in stat_shapes.items():
+            for key in ckpt:
+                if key.startswith("stat:") and key[5:] not in stats:
+                    # a statistic the sampler found at run time (``sampler/<name>``): per draw
+                    stats[key[5:]] = np.zeros((chains, draws))
+            for k, m in ((k, v.shape[1]) for k, v in stats.items()):
                 old_arr = ckpt.get(f"stat:{k}")
                 if old_arr is not None:
                     k_copy = min(m, old_arr.shape[1])
@@ -732,41 +737,32 @@ class RunStore:
             )
 
     # ------------------------------------------------------------------ state
-    def load_state(self, post: LocalPosterior):
-        """The sampler state saved with the last checkpoint, as the keyword arguments of
-        the sampler's state (``SGMCMCState(**saved)``); None if there is none. The store
-        does not import the sampler: it sits below it."""
+    def load_state(self) -> dict[str, np.ndarray] | None:
+        """The sampler state saved with the last checkpoint, as named NumPy arrays (one
+        per field of the kernel's state; the driver restores them onto a fresh state of
+        the same kernel); None if there is none. The store does not import the sampler."""
         ck = self._ckpt
         if ck is None:
             return None
-
-        def t(name):
-            if name not in ck:
-                return None
-            return torch.as_tensor(ck[name]).to(dtype=post.dtype, device=post.device)
-
-        rng = tuple(torch.as_tensor(r) for r in ck["rng"])
-        return dict(
-            w=t("w"),
-            rng=rng,
-            step=int(ck["step"]),
-            momentum=t("momentum"),
-            sq_avg=t("sq_avg"),
-            adapt_steps=int(ck["adapt_steps"]),
-            adapting=bool(ck["adapting"]),
-            thermostat=t("thermostat"),
-            batch_keys=(
-                tuple(int(v) for v in np.asarray(ck["batch_keys"]).tolist())
-                if "batch_keys" in ck
-                else None
-            ),
-        )
+        saved = {k[6:]: v for k, v in ck.items() if k.startswith("state:")}
+        if not saved:  # a checkpoint written before the generic state format
+            legacy = ("w", "rng", "momentum", "sq_avg", "adapt_steps", "adapting")
+            saved = {k: ck[k] for k in (*legacy, "thermostat", "batch_keys", "step") if k in ck}
+        return saved
 
     # ------------------------------------------------------------------ writing
-    def write_chunk(self, start: int, pending: list[np.ndarray], state, done: int) -> None:
+    def write_chunk(
+        self,
+        start: int,
+        pending: list[np.ndarray],
+        state: dict[str, np.ndarray] | None,
+        done: int,
+        step: int = 0,
+    ) -> None:
         """Append draws ``start .. done−1`` (``pending``: one ``[C, d]`` array per draw),
-        then atomically replace the checkpoint (state, statistics and the chunk table with
-        this chunk's CRC32, up to ``done``)."""
+        then atomically replace the checkpoint (``state``: the sampler state as named
+        arrays, ``step``: the steps taken, the statistics and the chunk table with this
+        chunk's CRC32, up to ``done``)."""
         self._check_lock()
         if pending:
             block = np.ascontiguousarray(np.stack(pending))  # [k, C, d]
@@ -779,22 +775,12 @@ class RunStore:
             self.chunks.append((start, len(pending), zlib.crc32(memoryview(block).cast("B"))))
         arrays = {
             "done": np.array(done),
-            "step": np.array(state.step),
+            "step": np.array(int(step)),
             "wall": np.array(self.previous_wall),
-            "w": state.w.detach().cpu().numpy(),
-            "rng": np.stack([r.cpu().numpy() for r in state.rng]),
-            "adapt_steps": np.array(state.adapt_steps),
-            "adapting": np.array(bool(state.adapting)),
             "chunks": np.array(self.chunks, dtype=np.int64).reshape(-1, 3),
         }
-        if getattr(state, "thermostat", None) is not None:
-            arrays["thermostat"] = state.thermostat.detach().cpu().numpy()
-        if state.batch_keys is not None:
-            arrays["batch_keys"] = np.array(state.batch_keys, dtype=np.int64)
-        if state.momentum is not None:
-            arrays["momentum"] = state.momentum.detach().cpu().numpy()
-        if state.sq_avg is not None:
-            arrays["sq_avg"] = state.sq_avg.detach().cpu().numpy()
+        for k, v in (state or {}).items():
+            arrays[f"state:{k}"] = v
         for k, v in self.stats.items():
             arrays[f"stat:{k}"] = v
         atomic_write(self.path / "checkpoint.npz", lambda fh: np.savez(fh, **arrays))
@@ -871,6 +857,9 @@ def open_store(
         settings=settings,
     )
     ref.store = str(path)
+    from .infer.record import open_records
+
+    ref.records = open_records(path, settings, int(meta["chains"]), done)
     if posterior is not None:
         ref.attach(posterior)
     return ref

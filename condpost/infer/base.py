@@ -92,6 +92,9 @@ class SampleResult:
         number of complete draws per chain.
     store : str, optional
         The run store the draws live in.
+    records : dict
+        Arrays recorded along the chains beyond ``[chains, draws]`` statistics:
+        ``"losses"``, the per-sample losses ``[chains, draws', q]`` of ``record_losses=``.
     """
 
     draws: Any
@@ -99,3 +102,4 @@ class SampleResult:
     settings: dict = field(default_factory=dict)
     fault: str | None = None
     store: str | None = None
+    records: dict = field(default_factory=dict)

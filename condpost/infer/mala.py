@@ -19,7 +19,7 @@ from the current ε. A local posterior whose directions have very different scal
 at the rate of its *relative* spread, not of its smallest scale.
 
 This module is the whole sampler: the kernel below and one registry line
-(``condpost.infer.registry``). The generic driver (``condpost.infer.kernel``) runs it.
+(``condpost.infer.registry``). The generic driver (``condpost.infer.driver``) runs it.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def register_kernel(
     ``kernel(post, **options)`` returns an object with ``init(position, key) -> State``
     and ``step(key, state, batch=None) -> (State, Info)`` (NamedTuples; ``State`` has a
     field ``w`` ``[chains, d]``; ``Info`` may carry ``diverging``, ``accept_prob``,
-    ``potential`` ``[chains]``); the generic kernel driver (``condpost.infer.kernel``)
+    ``potential`` ``[chains]``); the generic kernel driver (``condpost.infer.driver``)
     runs it with vectorized chains, warmup, thinning, progress and fault handling.
     """
     run = _KernelRunner(kernel)
@@ -126,7 +126,7 @@ class _KernelRunner:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        from .kernel import run_kernel
+        from .driver import run_kernel
 
         kw = inspect.Parameter.KEYWORD_ONLY
         params = [inspect.Parameter(a, kw) for a in COMMON[1:]]
@@ -139,7 +139,7 @@ class _KernelRunner:
         return inspect.Signature(params)
 
     def __call__(self, post, **kw):
-        from .kernel import run_kernel
+        from .driver import run_kernel
 
         return run_kernel(post, self._make(), **kw)
 

@@ -71,7 +71,6 @@ state`` and ``kernel.step(rng_key, state, batch=None) -> (state, info)`` with im
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -189,6 +188,8 @@ class SGMCMCKernel(NamedTuple):
     potential_and_grad: Callable
     settings: dict
     advance: Callable | None = None
+    live: Callable | None = None
+    info_stats: tuple = ()
 
 
 def chain_generators(seeds: list[int], device) -> tuple:
@@ -733,6 +734,25 @@ def make_kernel(
         new, info = advance(gens, state, batch)
         return new._replace(rng=streams.dump(state.w.shape[0])), info
 
+    def live(state: SGMCMCState):
+        """The driver's fast path: ``(step, sync)`` on live generators loaded once from
+        ``state.rng`` (``sync`` writes them back into a state). ``step`` computes no virial
+        (the driver's recorder does, per window) and reports ``U`` without the constraint
+        penalties (a non-finite penalty makes the next weights non-finite)."""
+        own = _Streams(post.device)
+        gens = own.load(state.rng)
+        C = state.w.shape[0]
+
+        def live_step(_key, st: SGMCMCState):
+            new, info = advance(gens, st, None, False, "dist2")
+            u = info.loss.mul(nb).add_(info.potential, alpha=0.5 * gam)
+            return new, info._replace(potential=u, batch=None)
+
+        def sync(st: SGMCMCState) -> SGMCMCState:
+            return st._replace(rng=own.dump(C))
+
+        return live_step, sync
+
     settings = {
         "method": method,
         "step_size": eps_,
@@ -754,6 +774,7 @@ def make_kernel(
         potential_and_grad=pot,
         settings=settings,
         advance=advance,
+        live=live,
     )
 
 
@@ -799,21 +820,92 @@ def _check_pos(name: str, v) -> float:
     return f
 
 
-def _nonfinite_error(method, step_size, chains_bad, step, warmup, thin, where):
-    phase = (
-        f"warmup step {step}" if step < warmup else f"step {step} (draw {(step - warmup) // thin})"
-    )
-    return FloatingPointError(
-        f"{method}: chain(s) {chains_bad} diverged ({where}) at {phase}: the sampler "
-        f"diverged. Use a smaller step_size (now {step_size:g}; try {step_size / 10:g}), or "
-        f"run condpost.calibrate_step_size(post, method={method!r}) to pick one. No draws "
-        f"were dropped; the run stopped here."
-    )
+class _Recorder:
+    """The SG-MCMC per-draw statistics, computed per window of kept draws (the driver's
+    recorder protocol, ``condpost.infer.driver``): ``virial`` = ``(w − w*)·∇U_B(w)``,
+    ``batch_loss`` = ``L_B(w)`` of the gradient batch, SGNHT's ``thermostat``, the
+    constraint defects, the paired loss estimate ``loss`` at every ``loss_every``-th
+    draw, and ``loss_full`` at every ``full_loss_every``-th draw."""
 
+    def __init__(
+        self,
+        post,
+        kernel,
+        *,
+        method,
+        loss,
+        loss_every,
+        loss_batch_size,
+        full_loss_every,
+        keys,
+        defect_names,
+    ):
+        self.post, self.method = post, method
+        self.loss, self.loss_every = loss, int(loss_every)
+        self.full_every = None if full_loss_every is None else int(full_loss_every)
+        self.defect_names = defect_names
+        self.keys = tuple(int(v) for v in keys)
+        self.measure = _loss_fn(post, kernel.potential_and_grad.forward)
+        self.stream = _IndexStream(post.n, loss_batch_size, post.device, _IndexStream.LOSS)
+        # ℓ_i(w*) of every sample, for the w* half of the paired estimators (one full pass)
+        self.nll_center = _center_nll(post) if loss in ("independent", "gradient") else None
 
-# ---------------------------------------------------------------------------------------
-# the driver
-# ---------------------------------------------------------------------------------------
+    def shapes(self) -> dict[str, int]:
+        out = {"loss": self.loss_every, "virial": 1, "batch_loss": 1}
+        if self.method == "sgnht":
+            out["thermostat"] = 1
+        out.update(dict.fromkeys(self.defect_names, 1))
+        if self.full_every:
+            out["loss_full"] = self.full_every
+        return out
+
+    def select(self, s, state, info):
+        idx = info.index if self.loss == "gradient" and s % self.loss_every == 0 else None
+        return info.grad, info.loss, state.thermostat, idx
+
+    def window(self, S, W, sel):
+        post, C = self.post, W.shape[1]
+        diff = W - post.center
+        out = {
+            "virial": (S[0], (diff * torch.stack([x[0] for x in sel])).sum(-1)),
+            "batch_loss": (S[0], torch.stack([x[1] for x in sel])),
+        }
+        if self.method == "sgnht":
+            out["thermostat"] = (S[0], torch.stack([x[2] for x in sel]))
+        pos = [i for i, s in enumerate(S) if s % self.loss_every == 0]
+        if pos:
+            j0 = S[pos[0]] // self.loss_every
+            Wm = W[pos]  # [J, C, d]
+            J = len(pos)
+            if self.loss == "full":
+                lv = post.evaluate(Wm.reshape(J * C, -1), grad=False)["loss"].view(J, C)
+            else:  # paired: L_n(w*) + L_B(w) − L_B(w*) on each measured batch
+                if self.loss == "independent":
+                    idx = self.stream.rows(self.keys, list(range(j0, j0 + J)))  # [J, C, m]
+                    lb = _grouped_loss(
+                        post,
+                        self.measure,
+                        Wm.reshape(J * C, -1),
+                        idx.reshape(J * C, -1),
+                        min_group=C,
+                    ).view(J, C)
+                else:  # "gradient": the batch the step at the draw used
+                    lb = out["batch_loss"][1][pos]
+                    idx = torch.stack([sel[i][3] for i in pos])
+                lv = lb - self.nll_center[idx].mean(-1) + post.loss_center
+            out["loss"] = (j0, lv)
+        if self.full_every:
+            pf = [i for i, s in enumerate(S) if s % self.full_every == 0]
+            if pf:
+                Wf = W[pf]
+                lf = post.evaluate(Wf.reshape(-1, W.shape[-1]), grad=False)["loss"]
+                out["loss_full"] = (S[pf[0]] // self.full_every, lf.view(len(pf), C))
+        if self.defect_names:
+            K = W.shape[0]
+            dv = post.evaluate(W.reshape(K * C, -1), grad=False, loss=False, defects=True)
+            for nm in self.defect_names:
+                out[nm] = (S[0], dv[nm].reshape(K, C))
+        return out
 
 
 def run_sgmcmc(
@@ -845,10 +937,16 @@ def run_sgmcmc(
     callback: Callable | None = None,
     num_threads: int | None = None,
     potential: Potential | None = None,
+    record_losses=None,
+    record_every: int = 1,
+    chain_ids: list[int] | None = None,
 ) -> SampleResult:
     """Run vectorized SG-MCMC chains from ``w*`` and return a ``SampleResult``.
 
     Called by ``LocalPosterior.sample("sgld" | "rmsprop_sgld" | "sghmc" | "sgnht", ...)``.
+    The loop, the windowed divergence checks, the store and resume are the torch
+    driver's (``condpost.infer.driver.run_chains``); this runner checks the options,
+    builds the kernel and the per-draw statistics.
 
     Parameters
     ----------
@@ -866,8 +964,7 @@ def run_sgmcmc(
         Keep every ``thin``-th state as a draw (default 1).
     loss_every : int
         Measure the per-draw loss (for ``llc``) at every ``loss_every``-th kept draw
-        (default 1: every draw). Draws in between repeat the previous measurement's time
-        index in no statistic: the loss arrays have ``ceil(draws/loss_every)`` entries
+        (default 1: every draw). The loss arrays have ``ceil(draws/loss_every)`` entries
         per chain (``ref.loss()``), all measured; use it to save loss evaluations when
         draws are strongly autocorrelated.
     loss : {"independent", "gradient", "full"}
@@ -924,8 +1021,21 @@ def run_sgmcmc(
         Sample this potential instead of the declaration's (``wbic`` passes one with a
         global prior). Its nβ, γ and centre are recorded in ``settings["global_prior"]``
         when they differ from the declaration's; λ̂ is then refused.
+    record_losses : True, "train" or (x, y), optional
+        Record the per-sample losses ``ℓ_i(w)`` of the training data (True) or of a
+        query set at every ``record_every``-th kept draw, batched over chains and, with
+        ``store=``, streamed to the store (``ref.records["losses"]``, read by
+        ``ref.influence`` and ``ref.susceptibility``; ``condpost.infer.record``).
+    record_every : int
+        Thinning of the recorded losses (default 1: every kept draw).
+    chain_ids : list of int, optional
+        Run only these chains of the run with ``max(chain_ids) + 1`` chains (default:
+        chains ``0 … chains−1``). Chain ``c`` gets the seed and data stream it would have
+        in the full run, so chain groups run apart (other processes, other devices)
+        reproduce the full run's chains exactly; ``chains`` must equal
+        ``len(chain_ids)``.
     """
-    from ..store import RunStore
+    from .driver import _loss_recorders, run_chains
 
     method = _check_method(method)
     if step_size is None:
@@ -972,9 +1082,17 @@ def run_sgmcmc(
 
     from .base import chain_seeds
 
-    seeds = chain_seeds(seed, chains)
-    n_loss = -(-draws // loss_every)
-    n_full = 0 if full_loss_every is None else -(-draws // int(full_loss_every))
+    if chain_ids is None:
+        seeds = chain_seeds(seed, chains)
+    else:
+        ids = [int(c) for c in chain_ids]
+        if len(ids) != chains or len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+            raise ValueError(
+                f"chain_ids must be {chains} distinct non-negative chain indices (chains="
+                f"{chains}); got {chain_ids!r}"
+            )
+        every = chain_seeds(seed, max(ids) + 1)
+        seeds = [every[c] for c in ids]
     settings: dict[str, Any] = {
         "method": method,
         "backend": "torch",
@@ -994,7 +1112,9 @@ def run_sgmcmc(
         "adapt_preconditioner": adapt_preconditioner if method == "rmsprop_sgld" else None,
         "keep_draws": bool(keep_draws),
         "num_threads": num_threads,
+        **({"chain_ids": [int(c) for c in chain_ids]} if chain_ids is not None else {}),
     }
+    blowup = None
     if potential is not None and potential.global_prior:
         settings["global_prior"] = {
             "nbeta": potential.nbeta,
@@ -1002,31 +1122,20 @@ def run_sgmcmc(
             "prior_scale": potential.localization**-0.5,
             "centre_norm": float(potential.anchor.norm()),
         }
-    identity = {
-        k: settings[k]
-        for k in (
-            "method",
-            "chains",
-            "warmup",
-            "thin",
-            "seed",
-            "step_size",
-            "batch_size",
-            "friction",
-            "rmsprop_alpha",
-            "rmsprop_eps",
-            "nbeta_used",
-            "localization_used",
-            "loss_estimator",
-            "loss_every",
-            "loss_batch_size",
-            "full_loss_every",
-            "adapt_preconditioner",
-            "keep_draws",
-        )
-    }
-    identity["d"] = post.d
-    identity["n"] = post.n
+        blowup = float("inf")
+    elif kernel.settings["localization_used"] > 0:
+        # E‖w − w*‖² is about d/γ when the localizer alone confines the draws; 10⁴ times
+        # that means the chain has blown up even if the numbers are still finite
+        blowup = 1e4 * post.d / float(kernel.settings["localization_used"])
+    identity_keys = (
+        "method", "chains", "warmup", "thin", "seed", "step_size", "batch_size", "friction",
+        "rmsprop_alpha", "rmsprop_eps", "nbeta_used", "localization_used", "loss_estimator",
+        "loss_every", "loss_batch_size", "full_loss_every", "adapt_preconditioner",
+        "keep_draws",
+    )  # fmt: skip
+    identity = {k: settings[k] for k in identity_keys}
+    if chain_ids is not None:
+        identity["chain_ids"] = settings["chain_ids"]
 
     defect_names: list[str] = []
     if post.constraints:
@@ -1034,347 +1143,55 @@ def run_sgmcmc(
             v0 = post.view(post.center)
             defect_names = [f"defect/{b.name}" for b in post.constraints]
             defect_names += [f"exact/{b.name}/{k}" for b in post.constraints for k in b.exact(v0)]
-
-    rs = None
-    if store is not None:
-        rs = RunStore.open(
-            store,
-            post=post,
-            identity=identity,
-            settings=settings,
-            chains=chains,
-            draws=draws,
-            keep_draws=keep_draws,
-            stat_shapes={
-                "loss": n_loss,
-                "virial": draws,
-                "batch_loss": draws,
-                "dist2": draws,
-                **({"thermostat": draws} if method == "sgnht" else {}),
-                **dict.fromkeys(defect_names, draws),
-                **({"loss_full": n_full} if n_full else {}),
-            },
-            resume=resume,
-        )
-        saved = rs.load_state(post) if rs.done_draws or rs.state_step else None
-        state = SGMCMCState(**saved) if saved is not None else None
-        stats = rs.stats
-        draws_buf = None
-    else:
-        state = None
-        stats = {"loss": np.zeros((chains, n_loss)), "virial": np.zeros((chains, draws))}
-        stats["batch_loss"] = np.zeros((chains, draws))
-        stats["dist2"] = np.zeros((chains, draws))
-        if method == "sgnht":
-            stats["thermostat"] = np.zeros((chains, draws))
-        for nm in defect_names:
-            stats[nm] = np.zeros((chains, draws))
-        if n_full:
-            stats["loss_full"] = np.zeros((chains, n_full))
-        draws_buf = (
-            np.zeros((chains, draws, post.d), dtype=_np_dtype(post.dtype)) if keep_draws else None
-        )
-    if state is None:
-        state = kernel.init(chains, seeds)
-    done = 0 if rs is None else rs.done_draws
-    if chunk_draws is None:
-        per_draw = chains * post.d * post.center.element_size()
-        chunk_draws = max(1, min(draws, (64 << 20) // max(per_draw, 1), 1000))
-
-    measure_loss = _loss_fn(post, kernel.potential_and_grad.forward)
-    loss_stream = _IndexStream(post.n, loss_batch_size, post.device, _IndexStream.LOSS)
-    loss_keys = tuple(int(v) for v in seeds)
-    # ℓ_i(w*) of every sample, for the w* half of the paired estimators (one full pass)
-    nll_center = _center_nll(post) if loss in ("independent", "gradient") else None
-    # E‖w − w*‖² is about d/γ when the localizer alone confines the draws; 10⁴ times that
-    # means the chain has blown up even if the numbers are still finite
-    blowup = 1e4 * post.d / float(kernel.settings["localization_used"])
-    if potential is not None and potential.global_prior:
-        blowup = float("inf")
-    total_steps = warmup + draws * thin
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=min(state.step, total_steps),
-        desc=f"{method} · {chains} chains",
-        unit="step",
-        disable=not progress,
-        dynamic_ncols=True,
-        leave=False,
+    recorder = _Recorder(
+        post,
+        kernel,
+        method=method,
+        loss=loss,
+        loss_every=loss_every,
+        loss_batch_size=loss_batch_size,
+        full_loss_every=full_loss_every,
+        keys=seeds,
+        defect_names=defect_names,
     )
+
+    freeze = None
+    if method == "rmsprop_sgld" and adapt_preconditioner == "warmup":
+
+        def freeze(state):
+            return state._replace(adapting=False)
+
     prev_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
-    # The loop runs on live generators (loaded once from the state's streams, dumped back
-    # whenever a state is handed out: checkpoints and callbacks), and keeps the per-step
-    # tensors it must check or record in a window that is checked and copied to NumPy at
-    # once (every chunk, every 1024 steps and at the end): no host sync per step.
-    streams = _Streams(post.device)
-    gens = streams.load(state.rng)
-    advance = kernel.advance
-    win_t: list[int] = []  # steps whose potential is buffered
-    win_u: list[torch.Tensor] = []
-    win_l: list[torch.Tensor] = []
-    nbeta_used, gam_used = kernel.settings["nbeta_used"], kernel.settings["localization_used"]
-    kept_t: list[int] = []  # steps of the buffered kept draws
-    kept_s: list[int] = []  # their draw indices
-    # kept draws' weights and gradients (references, no copies), batch losses and, for
-    # loss="gradient", batch indices: their statistics are computed per window at once
-    kept: dict[str, list] = {
-        "batch_loss": [],
-        "w": [],
-        "grad": [],
-        "index": [],
-        "batch_w": [],
-        "thermostat": [],
-    }
-    # loss="gradient"/"independent": loss slots of the measured draws, with L_B(w) and the
-    # batch indices in kept["batch_w"] and kept["index"] (L_B(w*) is gathered per window)
-    kept_j: list[int] = []
-    kept_loss: list[tuple[int, torch.Tensor]] = []
-    kept_full: list[tuple[int, torch.Tensor]] = []
-    kept_def: dict[str, list[torch.Tensor]] = {nm: [] for nm in defect_names}
-    max_window = 1024
-
-    def to_np(xs: list[torch.Tensor]) -> np.ndarray:
-        return torch.stack(xs, 1).cpu().numpy()  # [C, k]
-
-    def window_stats() -> dict[str, torch.Tensor]:
-        if not kept_s:
-            return {}
-        W = torch.stack(kept["w"])  # [K, C, d]
-        diff = W - center
-        out = {
-            "dist2": (diff * diff).sum(-1),
-            "virial": (diff * torch.stack(kept["grad"])).sum(-1),
-            "batch_loss": torch.stack(kept["batch_loss"]),
-            **({"thermostat": torch.stack(kept["thermostat"])} if kept["thermostat"] else {}),
-        }
-        if kept_j:  # paired estimator L_n(w*) + L_B(w) − L_B(w*) on each measured batch
-            if loss == "independent":  # all of the window's loss batches at once
-                idx = loss_stream.rows(loss_keys, kept_j)  # [J, C, m]
-                J = idx.shape[0]
-                Wm = torch.stack(kept["batch_w"]).reshape(J * chains, -1)
-                lb = _grouped_loss(
-                    post, measure_loss, Wm, idx.reshape(J * chains, -1), min_group=chains
-                ).view(J, chains)
-            elif loss_every == 1:
-                lb = out["batch_loss"]  # the same tensors as kept["batch_w"]
-                idx = torch.stack(kept["index"])
-            else:
-                lb = torch.stack(kept["batch_w"])
-                idx = torch.stack(kept["index"])
-            lc = nll_center[idx].mean(-1)
-            out["loss"] = lb - lc + post.loss_center
-        return out
-
-    def check_window(ws: dict[str, torch.Tensor]) -> None:
-        t_u = t_w = None
-        if win_u:
-            pot_u = (
-                torch.stack(win_l).mul_(nbeta_used).add_(torch.stack(win_u), alpha=0.5 * gam_used)
-            )
-            bad_u = ~torch.isfinite(pot_u)  # [S, C]
-            rows = bad_u.any(1).nonzero()
-            if rows.numel():
-                r = int(rows[0])
-                t_u, chains_u = win_t[r], bad_u[r].nonzero().flatten().tolist()
-        if kept_t:
-            d2 = ws["dist2"]  # [K, C]
-            bad_w = ~torch.isfinite(d2) | (d2 > blowup)
-            rows = bad_w.any(1).nonzero()
-            if rows.numel():
-                r = int(rows[0])
-                t_w, row = kept_t[r], d2[r]
-        if t_u is not None and (t_w is None or t_u <= t_w):
-            raise _nonfinite_error(
-                method, kernel.step_size, chains_u, t_u, warmup, thin, "loss or weights"
-            )
-        if t_w is not None:
-            nonfin = (~torch.isfinite(row)).nonzero().flatten().tolist()
-            if nonfin:
-                raise _nonfinite_error(
-                    method, kernel.step_size, nonfin, t_w, warmup, thin, "weights"
-                )
-            raise _nonfinite_error(
-                method,
-                kernel.step_size,
-                (row > blowup).nonzero().flatten().tolist(),
-                t_w,
-                warmup,
-                thin,
-                f"‖w − w*‖² > {blowup:.3g} = 10⁴·d/γ, far outside the localized posterior",
-            )
-
-    def flush() -> None:
-        ws = window_stats()
-        check_window(ws)
-        win_t.clear()
-        win_u.clear()
-        win_l.clear()
-        if kept_s:
-            s0, k = kept_s[0], len(kept_s)
-            for nm in ("virial", "batch_loss", "dist2", "thermostat"):
-                if nm not in ws:
-                    continue
-                stats[nm][:, s0 : s0 + k] = ws[nm].T.cpu().numpy()
-            if kept_j:
-                stats["loss"][:, kept_j[0] : kept_j[0] + len(kept_j)] = ws["loss"].T.cpu().numpy()
-                kept_j.clear()
-            for nm, xs in kept_def.items():
-                stats[nm][:, s0 : s0 + k] = to_np(xs)
-                xs.clear()
-            for name, items in (("loss", kept_loss), ("loss_full", kept_full)):
-                if items:
-                    j0 = items[0][0]
-                    stats[name][:, j0 : j0 + len(items)] = to_np([v for _, v in items])
-                    items.clear()
-            if keep_draws:
-                wn = torch.stack(kept["w"]).detach().cpu().numpy()  # [K, C, d]
-                if draws_buf is not None:
-                    draws_buf[:, s0 : s0 + k] = wn.transpose(1, 0, 2)
-                else:
-                    pending.extend(wn)
-            for xs in kept.values():
-                xs.clear()
-            kept_t.clear()
-            kept_s.clear()
-            flushed[0] = s0 + k
-
-    t0 = time.perf_counter()
-    chunk_start = done
-    flushed = [done]  # draws whose weights and statistics are recorded
-    fault = None
-    pending: list[np.ndarray] = []
-    last_loss = float("nan")
-    center = post.center
     try:
-        while state.step < total_steps:
-            t = state.step
-            if method == "rmsprop_sgld" and adapt_preconditioner == "warmup":
-                if t >= warmup and state.adapting:
-                    state = state._replace(adapting=False)
-            keep = t >= warmup and (t - warmup) % thin == 0
-            s = (t - warmup) // thin if keep else -1
-            w_t, z_t = state.w, state.thermostat
-            # potential="dist2": info.potential is ‖w − w*‖²; the window check assembles
-            # U = nβ L_B + γ/2‖w − w*‖² from it and the loss (constraint penalties aside:
-            # a non-finite one makes the next step's weights non-finite)
-            state, info = advance(gens, state, None, False, "dist2")
-            win_t.append(t)
-            win_u.append(info.potential)
-            win_l.append(info.loss)
-            if keep:
-                kept_t.append(t)
-                kept_s.append(s)
-                kept["batch_loss"].append(info.loss)
-                kept["w"].append(w_t)
-                if z_t is not None:
-                    kept["thermostat"].append(z_t)
-                kept["grad"].append(info.grad)
-                if s % loss_every == 0:
-                    j = s // loss_every
-                    if loss == "gradient":
-                        kept["batch_w"].append(info.loss)
-                        kept["index"].append(info.index)
-                        kept_j.append(j)
-                    elif loss == "full":
-                        kept_loss.append((j, post.evaluate(w_t, grad=False)["loss"]))
-                    else:  # evaluated per window (window_stats)
-                        kept["batch_w"].append(w_t)
-                        kept_j.append(j)
-                if n_full and s % int(full_loss_every) == 0:
-                    lf = post.evaluate(w_t, grad=False)["loss"]
-                    kept_full.append((s // int(full_loss_every), lf))
-                if defect_names:
-                    for nm, val in _defects(post, w_t).items():
-                        kept_def[nm].append(val)
-                boundary = rs is not None and (s + 1 - chunk_start >= chunk_draws or s + 1 == draws)
-                if boundary or callback is not None or len(kept_s) >= chunk_draws:
-                    flush()
-                if boundary:
-                    rs.write_chunk(
-                        chunk_start, pending, state._replace(rng=streams.dump(chains)), s + 1
-                    )
-                    pending = []
-                    chunk_start = s + 1
-                if callback is not None:
-                    callback(state._replace(rng=streams.dump(chains)), s)
-            elif len(win_u) >= max_window:
-                flush()
-            if progress:
-                if t % 20 == 0 or t == total_steps - 1:
-                    last_loss = float(info.loss.mean())
-                    done_s = max(s + 1, 0) if keep else max((t - warmup) // thin + 1, 0)
-                    bar.set_postfix(
-                        draws=f"{done_s}/{draws}", loss=f"{last_loss:.5g}", refresh=False
-                    )
-                bar.update(1)
-        flush()
-    except BaseException:
-        if rs is not None:
-            rs.close()  # release the store's writer lock (its last checkpoint stays)
-        raise
-    finally:
-        bar.close()
-        torch.set_num_threads(prev_threads)
-    wall = time.perf_counter() - t0
-    settings["wall_time_s"] = wall + (rs.previous_wall if rs is not None else 0.0)
-    settings["vectorized"] = bool(kernel.potential_and_grad.mode["vmap"]) and chains > 1
-    settings["gradient_evaluations"] = total_steps * chains
-    stats_out = {k: np.asarray(v) for k, v in stats.items()}
-    if fault is not None:
-        good = rs.done_draws if rs is not None else flushed[0]
-        settings["draws_requested"] = draws
-        settings["draws"] = good
-        settings["fault"] = fault
-        stats_out = _trim(stats_out, good, loss_every, full_loss_every)
-        if rs is None:
-            draws_buf = draws_buf[:, :good] if draws_buf is not None else None
-        warn(
-            f"{fault} The {good} draw(s) per chain completed before it are kept "
-            f"(ref.settings['fault'])"
-            + (
-                f"; the store {str(store)!r} can be resumed from "
-                f"its last checkpoint with a smaller step_size."
-                if rs is not None
-                else "."
-            ),
-            SamplerWarning,
+        result = run_chains(
+            post,
+            kernel,
+            lambda: kernel.init(chains, seeds),
+            method=method,
+            chains=chains,
+            warmup=warmup,
+            draws=draws,
+            thin=thin,
+            progress=progress,
+            recorders=(recorder, *_loss_recorders(post, record_losses, record_every)),
+            keep_draws=keep_draws,
+            store=store,
+            resume=resume,
+            identity=identity,
+            settings=settings,
+            chunk_draws=chunk_draws,
+            callback=callback,
+            freeze=freeze,
+            blowup=blowup,
+            step_size=kernel.step_size,
         )
-    if rs is not None:
-        if fault is None:
-            rs.finish(settings)
-        else:
-            rs.close()  # release the writer lock; the last checkpoint stays resumable
-        draws_arr = rs.draws_view() if keep_draws else None
-    else:
-        draws_arr = draws_buf
-    return SampleResult(
-        draws=draws_arr,
-        stats=stats_out,
-        settings=settings,
-        fault=fault,
-        store=str(store) if store else None,
-    )
-
-
-def _trim(stats: dict, done: int, loss_every: int, full_loss_every: int | None) -> dict:
-    """Statistics cut to the first ``done`` draws (``loss``/``loss_full`` are thinned)."""
-    out = {}
-    for k, v in stats.items():
-        if k == "loss":
-            out[k] = v[:, : -(-done // loss_every)]
-        elif k == "loss_full" and full_loss_every:
-            out[k] = v[:, : -(-done // int(full_loss_every))]
-        else:
-            out[k] = v[:, :done]
-    return out
-
-
-def _defects(post: LocalPosterior, W: torch.Tensor) -> dict[str, torch.Tensor]:
-    return post.evaluate(W, grad=False, loss=False, defects=True)
+    finally:
+        torch.set_num_threads(prev_threads)
+    result.settings["vectorized"] = bool(kernel.potential_and_grad.mode["vmap"]) and chains > 1
+    result.settings["gradient_evaluations"] = (warmup + draws * thin) * chains
+    return result
 
 
 def _np_dtype(dtype: torch.dtype):
