@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from analytic import linear_net, make_problem
 
 import condpost as cp
