@@ -68,10 +68,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._errors import SamplerWarning, warn
 from .base import SampleResult
+from .blocks import run_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
@@ -785,40 +785,50 @@ def chees_sample(
     shared = ("step_size", "num_steps")  # one value per iteration, the same for all chains
     stats: dict[str, list] = {k: [] for k in names + shared}
     warm_div = np.zeros(C, dtype=np.int64)
-    warm_grads = sample_grads = 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    t2 = time.perf_counter()
-    try:
-        for b in range(nblocks):
-            i0 = b * block_size
-            state, info = compiled(state, k_run, prm)
-            n_real = min(block_size, total - i0)
-            host = {k: np.asarray(getattr(info, k))[:n_real] for k in names + shared}
-            n_warm = int(np.clip(warmup - i0, 0, n_real))
-            warm_div += host["diverging"][:n_warm].sum(0)
-            warm_grads += int(host["num_steps"][:n_warm].sum()) * C
-            if n_real > n_warm:
-                sl = slice(n_warm, n_real)
-                for k in names:
-                    stats[k].append(host[k][sl])
-                for k in shared:
-                    stats[k].append(np.repeat(host[k][sl, None], C, 1))
-                for k in keep:
-                    kept[k].append(jax.tree.map(lambda a, s=sl: np.asarray(a)[s], getattr(info, k)))
-                sample_grads += int(host["num_steps"][sl].sum()) * C
-            if progress:
-                last = n_real - 1
-                bar.set_postfix(
-                    eps=f"{float(host['step_size'][last]):.2e}",
-                    steps=int(host["num_steps"][last]),
-                    acc=f"{float(np.mean(host['accept_prob'][last])):.2f}",
-                    div=int(sum(x.sum() for x in stats["diverging"])),
-                    refresh=False,
-                )
-            bar.update(n_real)
-    finally:
-        bar.close()
-    run_s = time.perf_counter() - t2
+    counts = {"warm_grads": 0, "sample_grads": 0, "div": 0}
+
+    def advance(st, i0, n):
+        st, info = compiled(st, k_run, prm)  # a whole block; the padding is dropped
+        bufs = {k: np.asarray(getattr(info, k))[:n] for k in names + shared}
+        for k in keep:
+            bufs[f"keep:{k}"] = jax.tree.map(lambda a: np.asarray(a)[:n], getattr(info, k))
+        return st, bufs
+
+    def on_warmup(b):
+        warm_div[:] += b["diverging"].sum(0)
+        counts["warm_grads"] += int(b["num_steps"].sum()) * C
+
+    def on_draws(s0, b):
+        for k in names:
+            stats[k].append(b[k])
+        for k in shared:
+            stats[k].append(np.repeat(b[k][:, None], C, 1))
+        for k in keep:
+            kept[k].append(b[f"keep:{k}"])
+        counts["sample_grads"] += int(b["num_steps"].sum()) * C
+        counts["div"] += int(b["diverging"].sum())
+
+    def postfix(last):
+        return {
+            "eps": f"{float(last['step_size']):.2e}",
+            "steps": int(last["num_steps"]),
+            "acc": f"{float(np.mean(last['accept_prob'])):.2f}",
+            "div": counts["div"],
+        }
+
+    state, run_s = run_blocks(
+        advance,
+        state,
+        total=total,
+        warmup=warmup,
+        block=block_size,
+        on_warmup=on_warmup,
+        on_draws=on_draws,
+        progress=progress,
+        desc=desc,
+        postfix=postfix,
+    )
+    warm_grads, sample_grads = counts["warm_grads"], counts["sample_grads"]
     return {
         "draws": {k: jax.tree.map(lambda *a: np.concatenate(a, 0), *v) for k, v in kept.items()},
         "stats": {k: np.concatenate(v, 0) for k, v in stats.items()},

@@ -178,6 +178,7 @@ def run_chains(
     freeze: Callable | None = None,
     blowup: float | None = None,
     step_size: float | None = None,
+    finalize: Callable[[dict], None] | None = None,
 ) -> SampleResult:
     """Run ``kernel`` from ``init_state()`` (see the module doc) and return the result.
 
@@ -185,7 +186,8 @@ def run_chains(
     streams). ``identity`` is what a resumed store must match (the run's arguments);
     ``settings`` are recorded with the result. ``freeze`` overrides ``kernel.freeze``.
     ``blowup`` bounds ``‖w − w*‖²`` (default ``10⁴·d/γ``; ``inf`` disables the check).
-    ``step_size`` only words the fault message.
+    ``step_size`` only words the fault message. ``finalize(settings)`` adds what is
+    known only after the run (before the store records the settings).
     """
     from ..store import RunStore
 
@@ -398,6 +400,8 @@ def run_chains(
     state = sync(state)
     wall = time.perf_counter() - t0
     settings["wall_time_s"] = wall + (rs.previous_wall if rs is not None else 0.0)
+    if finalize is not None:
+        finalize(settings)
     good = rs.done_draws if (rs is not None and fault[0] is not None) else recorded[0]
     if fault[0] is not None:
         msg = fault[0]

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .base import SampleResult, chain_seeds
+from .blocks import run_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..posterior import LocalPosterior
@@ -395,42 +395,44 @@ def run_numpyro_mcmc(
         warm_grads = np.zeros(chains, dtype=np.int64)
         warm_div = np.zeros(chains, dtype=np.int64)
 
+        def advance(st, i0, nb):
+            st, bufs = compiled(st, nb)
+            bufs = {k: np.asarray(v) for k, v in bufs.items()}
+            if batch_axis == 0:  # [C, B, ...] -> [B, C, ...]
+                bufs = {k: np.swapaxes(v, 0, 1) for k, v in bufs.items()}
+            elif batch_axis is None:  # [B, ...] -> [B, 1, ...]
+                bufs = {k: v[:, None] for k, v in bufs.items()}
+            return st, bufs
+
         def run_chain_blocks(st, c_slice, desc):
-            bar = tqdm(
-                total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True
-            )
-            done = 0
-            try:
-                while done < total:
-                    nb = min(block_size, total - done)
-                    st, bufs = compiled(st, nb)
-                    bufs = {k: np.asarray(v) for k, v in bufs.items()}
-                    if batch_axis == 0:  # [C, B, ...] -> [B, C, ...]
-                        bufs = {k: np.swapaxes(v, 0, 1) for k, v in bufs.items()}
-                    elif batch_axis is None:  # [B, ...] -> [B, 1, ...]
-                        bufs = {k: v[:, None] for k, v in bufs.items()}
-                    for j in range(nb):
-                        i = done + j
-                        if i < warmup:
-                            warm_grads[c_slice] += bufs["num_steps"][j]
-                            warm_div[c_slice] += bufs["diverging"][j]
-                        else:
-                            s = i - warmup
-                            out[c_slice, s] = bufs["z"][j]
-                            for k in _FIELDS + _MEASURED:
-                                stats[k][c_slice, s] = bufs[k][j]
-                    done += nb
-                    if progress:
-                        last = {k: bufs[k][nb - 1] for k in ("step_size", "diverging")}
-                        bar.set_postfix(
-                            step=f"{float(np.mean(last['step_size'])):.2e}",
-                            div=int(stats["diverging"][c_slice].sum()),
-                            refresh=False,
-                        )
-                    bar.update(nb)
-            finally:
-                bar.close()
-            return st
+            def on_warmup(b):
+                warm_grads[c_slice] += b["num_steps"].sum(0)
+                warm_div[c_slice] += b["diverging"].sum(0)
+
+            def on_draws(s0, b):
+                k = b["z"].shape[0]
+                out[c_slice, s0 : s0 + k] = np.swapaxes(b["z"], 0, 1)
+                for name in _FIELDS + _MEASURED:
+                    stats[name][c_slice, s0 : s0 + k] = np.swapaxes(b[name], 0, 1)
+
+            def postfix(last):
+                return {
+                    "step": f"{float(np.mean(last['step_size'])):.2e}",
+                    "div": int(stats["diverging"][c_slice].sum()),
+                }
+
+            return run_blocks(
+                advance,
+                st,
+                total=total,
+                warmup=warmup,
+                block=block_size,
+                on_warmup=on_warmup,
+                on_draws=on_draws,
+                progress=progress,
+                desc=desc,
+                postfix=postfix,
+            )[0]
 
         t1 = time.perf_counter()
         if batch_axis is None:

@@ -1161,6 +1161,10 @@ def run_sgmcmc(
         def freeze(state):
             return state._replace(adapting=False)
 
+    def finalize(s: dict) -> None:
+        s["vectorized"] = bool(kernel.potential_and_grad.mode["vmap"]) and chains > 1
+        s["gradient_evaluations"] = (warmup + draws * thin) * chains
+
     prev_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
@@ -1186,11 +1190,10 @@ def run_sgmcmc(
             freeze=freeze,
             blowup=blowup,
             step_size=kernel.step_size,
+            finalize=finalize,
         )
     finally:
         torch.set_num_threads(prev_threads)
-    result.settings["vectorized"] = bool(kernel.potential_and_grad.mode["vmap"]) and chains > 1
-    result.settings["gradient_evaluations"] = (warmup + draws * thin) * chains
     return result
 
 
