@@ -643,6 +643,17 @@ def _shard_state(state: ChEESState, devices):
     )
 
 
+def _host(x) -> np.ndarray:
+    """``x`` whole, as NumPy, on this process: a chain-sharded array that spans other
+    processes' devices (``jax.distributed``) is all-gathered (every process then holds
+    every chain's draws)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _pick_devices(chains: int, devices):
     """Devices to shard the chains over: the largest count ≤ available that divides C."""
     import jax
@@ -789,9 +800,9 @@ def chees_sample(
 
     def advance(st, i0, n):
         st, info = compiled(st, k_run, prm)  # a whole block; the padding is dropped
-        bufs = {k: np.asarray(getattr(info, k))[:n] for k in names + shared}
+        bufs = {k: _host(getattr(info, k))[:n] for k in names + shared}
         for k in keep:
-            bufs[f"keep:{k}"] = jax.tree.map(lambda a: np.asarray(a)[:n], getattr(info, k))
+            bufs[f"keep:{k}"] = jax.tree.map(lambda a: _host(a)[:n], getattr(info, k))
         return st, bufs
 
     def on_warmup(b):
