@@ -434,7 +434,7 @@ def _is_pos_finite(v) -> bool:
 
 
 def _prepare_probes(post: LocalPosterior, probes, argname: str = "probes") -> torch.Tensor:
-    x = post.x
+    x = post.x if post.data.in_memory else post.data.x_like  # a streamed source: one row
     p = torch.as_tensor(probes)
     if p.is_floating_point():
         p = p.to(dtype=post.dtype)

@@ -573,6 +573,7 @@ def to_jax(
     """
     if not all(hasattr(post, a) for a in ("potential", "loss", "lifted", "center", "_replace")):
         raise TypeError(f"to_jax expects a LocalPosterior; got {type(post).__name__}")
+    post.data.require_memory("to_jax (the JAX export holds every data row as a constant)")
     tdt = _torch_dtype(dtype, post.dtype)
     if tdt != post.dtype:
         post = post._replace(dtype=tdt)

@@ -115,8 +115,11 @@ def fingerprint(post: LocalPosterior) -> dict:
     """The fingerprint of a declaration (a JSON-able dict of component → hash or value)."""
     out: dict[str, Any] = {"version": FINGERPRINT_VERSION}
     h = _h()
-    _update_tensor(h, post.x)
-    _update_tensor(h, post.y)
+    if post.data.in_memory:
+        _update_tensor(h, post.x)
+        _update_tensor(h, post.y)
+    else:  # a streamed source: the hash of its batches, taken in the declaration's pass
+        h.update(f"{post.data.kind}:{post.n}:{post.data.digest}".encode())
     out["data"] = h.hexdigest()[:32]
 
     h = _h()
@@ -144,7 +147,7 @@ def fingerprint(post: LocalPosterior) -> dict:
 
     with torch.no_grad():
         k = min(8, post.n)
-        resp = post.lifted.forward(post.center, post.x[:k])
+        resp = post.lifted.forward(post.center, post.data.head(k)[0])
     resp = (
         resp.detach().reshape(-1)[:64].cpu().double().numpy()
         if isinstance(resp, torch.Tensor)

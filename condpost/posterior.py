@@ -23,6 +23,7 @@ from torch import nn
 
 from ._errors import CenterWarning, check_finite, check_options, warn
 from .constraints import BoundConstraint, Constraint, ForwardView
+from .data import DataSource, Tensors, as_source
 from .lifting import LiftedNetwork
 from .likelihoods import Likelihood, as_likelihood
 from .primitives import check_localization, lift, preserve, resolve_nbeta, temper
@@ -38,8 +39,12 @@ class LocalPosterior:
     net : torch.nn.Module
         The trained network at ``w*``. It is never modified. A TransformerLens
         ``HookedTransformer`` or a Hugging Face causal LM works as it is (docs/models.md).
-    data : tuple (x, y)
-        The ``n`` samples that define ``L_n``.
+    data : tuple (x, y), DataLoader, dataset or iterable of batches
+        The ``n`` samples that define ``L_n``: tensors ``(x, y)`` in memory, a
+        ``torch.utils.data.DataLoader`` or map-style dataset (rows gathered on demand),
+        a token mapping or dataset with ``input_ids`` and ``attention_mask`` (with
+        ``CausalLM()``), or a re-iterable of ``(x, y)`` batches (full passes only).
+        Held as ``post.data`` (``condpost.data``; docs/data.md).
     likelihood : Likelihood or callable
         ``Categorical()``, ``Gaussian(scale=s)``, ``Bernoulli()``, or a callable
         ``(output, y) -> per-sample NLL [n]``.
@@ -80,8 +85,31 @@ class LocalPosterior:
         self.lifted = LiftedNetwork(net, include, exclude, dtype, center)
         self.dtype = self.lifted.dtype
         self.device = self.lifted.device
-        if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise TypeError("data must be a pair (x, y) of tensors")
+        self.likelihood = as_likelihood(likelihood)
+        # an index mapping ({"blocks.0.attn.W_Q": (1,)}) is kept as "pattern[index]"
+        # strings: the same selection, and JSON-able for the run's config
+        self.include, self.exclude = self.lifted.include_spec, exclude
+        if isinstance(data, Tensors):  # a re-declaration on the same tensors
+            data = (data.x, data.y)
+        elif isinstance(data, DataSource):  # ... on the same stream: re-bound to this dtype
+            data = data.raw
+        src = as_source(data, self._prepare_batch, tokens=self._token_spec())
+        if not isinstance(src, tuple):
+            src.raw = data
+            self.data: DataSource = src
+            self._declare_streamed(src, nbeta, localization)
+        else:
+            self._declare_tensors(src, nbeta, localization)
+        self._specs: list[Constraint] = []
+        self._bound: list[BoundConstraint] = []
+        self._plan: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self.center_check: dict = {}
+        self.calibration: dict = {}
+        if check_center:
+            self.center_check = self._check_center()
+
+    def _declare_tensors(self, data, nbeta, localization) -> None:
+        """The declaration on in-memory tensors ``data = (x, y)`` (``Tensors``)."""
         x = torch.as_tensor(data[0])
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(
@@ -93,7 +121,6 @@ class LocalPosterior:
             x = x.to(self.dtype)
         x = x.to(self.device)
         check_finite(x, "data[0] (inputs x)")
-        self.likelihood = as_likelihood(likelihood)
         y = _bool_targets(torch.as_tensor(data[1]), self.likelihood)
         y = self.likelihood.prepare_targets(y, self.dtype).to(self.device)
         if y.dim() == 0:
@@ -105,14 +132,11 @@ class LocalPosterior:
             raise ValueError(
                 f"data: x has {x.shape[0]} samples but y has {y.shape[0]}; they must match"
             )
-        self.x, self.y = x, y
+        self.data = Tensors(x, y)
         self.n = int(x.shape[0])
         self.nbeta = resolve_nbeta(nbeta, self.n)
         self.nbeta_spec = nbeta if isinstance(nbeta, str) else float(nbeta)
         self.localization = check_localization(localization)
-        # an index mapping ({"blocks.0.attn.W_Q": (1,)}) is kept as "pattern[index]"
-        # strings: the same selection, and JSON-able for the run's config
-        self.include, self.exclude = self.lifted.include_spec, exclude
         out = _forward_at_center(self.lifted, self.center, x)
         if not _REDECLARING:
             _check_deterministic_and_gradients(self.lifted, self.center, x, self.localization)
@@ -125,13 +149,65 @@ class LocalPosterior:
             )
         check_finite(nll, "the per-sample NLL at w*")
         self.loss_center = float(nll.mean())
-        self._specs: list[Constraint] = []
-        self._bound: list[BoundConstraint] = []
-        self._plan: dict[int, tuple[torch.Tensor, list[str]]] = {}
-        self.center_check: dict = {}
-        self.calibration: dict = {}
-        if check_center:
-            self.center_check = self._check_center()
+
+    def _declare_streamed(self, src: DataSource, nbeta, localization) -> None:
+        """The declaration on a streamed source: one checked pass over its batches at
+        ``w*`` (forward, likelihood, finiteness; the first batch's also checked for a
+        deterministic forward), ``n`` counted and ``L_n(w*)`` summed batch by batch."""
+        if src.n:  # a bad nbeta is refused before the pass
+            resolve_nbeta(nbeta, src.n)
+        self.nbeta_spec = nbeta if isinstance(nbeta, str) else float(nbeta)
+        self.localization = check_localization(localization)
+        total = 0.0
+        for b, (xb, yb) in enumerate(src.scan()):
+            check_finite(xb, f"data= batch {b} (inputs x)")
+            out = _forward_at_center(self.lifted, self.center, xb)
+            if b == 0 and not _REDECLARING:
+                _check_deterministic_and_gradients(self.lifted, self.center, xb, self.localization)
+            self.likelihood.validate(out, yb)
+            with torch.no_grad():
+                nll = self.likelihood.nll(out, yb)
+            if tuple(nll.shape) != (xb.shape[0],):
+                raise ValueError(
+                    f"likelihood returned shape {tuple(nll.shape)} on batch {b} of data=; "
+                    f"expected per-sample NLLs ({xb.shape[0]},)"
+                )
+            check_finite(nll, f"the per-sample NLL at w* (batch {b} of data=)")
+            total += float(nll.sum(dtype=torch.float64))
+        self.n = int(src.n)
+        self.nbeta = resolve_nbeta(nbeta, self.n)
+        self.loss_center = total / self.n
+
+    def _token_spec(self):
+        """``(ignore_index, mask_in_x)`` for token batches (``CausalLM``), else None."""
+        from .likelihoods import CausalLM
+        from .models import network_kind
+
+        if not isinstance(self.likelihood, CausalLM):
+            return None
+        return self.likelihood.ignore_index, network_kind(self.lifted.net) != "torch"
+
+    def _prepare_batch(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of a streamed source as the declaration computes with it: floating
+        inputs in its dtype, targets encoded by the likelihood, both on its device."""
+        x = torch.as_tensor(x)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        y = _bool_targets(torch.as_tensor(y), self.likelihood)
+        y = self.likelihood.prepare_targets(y, self.dtype)
+        return x.to(self.device), y.to(self.device)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The inputs ``[n, ...]`` (in-memory data only; a streamed source raises)."""
+        self.data.require_memory("post.x (all inputs at once)")
+        return self.data.x
+
+    @property
+    def y(self) -> torch.Tensor:
+        """The targets ``[n, ...]`` (in-memory data only; a streamed source raises)."""
+        self.data.require_memory("post.y (all targets at once)")
+        return self.data.y
 
     # ------------------------------------------------------------------ basics
     @property
@@ -196,7 +272,7 @@ class LocalPosterior:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*non-floating parameter")
-                new = LocalPosterior(self.lifted.net, (self.x, self.y), self.likelihood, **args)
+                new = LocalPosterior(self.lifted.net, self.data, self.likelihood, **args)
         finally:
             _REDECLARING.pop()
         for c in specs:
@@ -216,9 +292,20 @@ class LocalPosterior:
         )
 
     def loss(self, w: torch.Tensor) -> torch.Tensor:
-        """``L_n(w)``: the mean per-sample NLL on the data."""
-        out = self.lifted.forward(w, self.x)
-        return self.likelihood.nll(out, self.y).mean()
+        """``L_n(w)``: the mean per-sample NLL on the data.
+
+        A streamed ``data=`` (DataLoader, dataset, iterable of batches) is summed batch by
+        batch; under autograd the graph of every batch is then kept until the backward
+        pass, so gradients of ``L_n`` over data beyond memory go through ``evaluate``.
+        """
+        if self.data.in_memory:
+            out = self.lifted.forward(w, self.data.x)
+            return self.likelihood.nll(out, self.data.y).mean()
+        total = None
+        for xb, yb in self.data.batches():
+            s = self.likelihood.nll(self.lifted.forward(w, xb), yb).sum()
+            total = s if total is None else total + s
+        return total / self.n
 
     def terms(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-term breakdown of ``U(w)``: ``loss`` (nβ·L_n), ``localizer``, ``constraint/<name>``."""
@@ -264,6 +351,7 @@ class LocalPosterior:
         """
         import pyro
 
+        self.data.require_memory("LocalPosterior.model (the Pyro model form: Pyro NUTS/HMC, SVI)")
         f = lift("net", self.lifted, localization=self.localization)
         out = f(self.x)
         batch = self.lifted.batch_shape(f.params)
@@ -357,12 +445,73 @@ class LocalPosterior:
 
         if not (grad or loss or bound) or W.shape[0] == 0:
             return {}
+        if not self.data.in_memory and (grad or loss):
+            return self._evaluate_streamed(W, grad=grad, loss=loss, bound=bound, chunk=chunk)
         fn = batched(one, f"evaluate ({type(self.lifted.net).__name__})")
         parts = []
         with torch.no_grad():  # torch.func.grad inside still differentiates
             for i in range(0, W.shape[0], chunk):
                 parts.append(fn(W[i : i + chunk]))
         return {k: torch.cat([p[k].detach() for p in parts]) for k in parts[0]}
+
+    def _evaluate_streamed(self, W, *, grad, loss, bound, chunk) -> dict:
+        """``evaluate`` on a streamed source: one pass over the data, each batch applied
+        to every draw (in groups of at most ``chunk`` draws, and fewer for large batches),
+        accumulating ``Σ_i ℓ_i(w)`` and its gradient; the localizer's and the
+        constraints' gradients are added once."""
+        from torch.func import grad as fgrad
+        from torch.func import grad_and_value
+
+        from ._batching import batched
+
+        K, c, lik, fwd = W.shape[0], self.center, self.likelihood, self.lifted.forward
+        name = type(self.lifted.net).__name__
+        tot = torch.zeros(K, dtype=torch.float64, device=W.device)
+        gsum = torch.zeros_like(W) if grad else None
+        with torch.no_grad():
+            for xb, yb in self.data.batches():
+                G = max(1, min(chunk, (1 << 12) // max(int(xb.shape[0]), 1)))
+
+                def part(w, xb=xb, yb=yb):
+                    return lik.nll(fwd(w, xb), yb).sum()
+
+                fn = batched(grad_and_value(part) if grad else part, f"evaluate ({name})")
+                for i in range(0, K, G):
+                    if grad:
+                        g, v = fn(W[i : i + G])
+                        gsum[i : i + G] += g.detach()
+                    else:
+                        v = fn(W[i : i + G])
+                    tot[i : i + G] += v.detach().to(torch.float64)
+            out: dict[str, torch.Tensor] = {}
+            if grad:
+                diff = W - c
+                gU = gsum * (self.nbeta / self.n) + self.localization * diff
+                if self._bound:
+
+                    def pen(w):
+                        v = self.view(w)
+                        return sum(b.penalty(v) for b in self._bound)
+
+                    gp = batched(fgrad(pen), f"evaluate ({name})")
+                    gU = gU + torch.cat([gp(W[i : i + chunk]) for i in range(0, K, chunk)])
+                out["virial"] = (diff * gU).sum(-1)
+            if loss:
+                out["loss"] = (tot / self.n).to(W.dtype)
+            if bound:
+
+                def one(w):
+                    v = self.view(w)
+                    o = {f"defect/{b.name}": b.defect(v) for b in bound}
+                    for b in bound:
+                        for k, val in b.exact(v).items():
+                            o[f"exact/{b.name}/{k}"] = val
+                    return o
+
+                fd = batched(one, f"evaluate ({name})")
+                parts = [fd(W[i : i + chunk]) for i in range(0, K, chunk)]
+                out.update({k: torch.cat([p[k].detach() for p in parts]) for k in parts[0]})
+        return out
 
     # ------------------------------------------------------------------ centre check
     def _check_center(self, max_iter: int = 50) -> dict:
@@ -378,20 +527,39 @@ class LocalPosterior:
 
         c = self.center
 
-        def tl(w):
-            return self.nbeta * self.loss(w)
+        def parts():
+            """``nβ·L_n`` as a sum of terms: one for in-memory data, one per batch of a
+            streamed source (so a gradient or Hessian-vector product holds one batch)."""
+            if self.data.in_memory:
+                yield lambda w: self.nbeta * self.loss(w)
+                return
+            k = self.nbeta / self.n
+            lik, fwd = self.likelihood, self.lifted.forward
+            for xb, yb in self.data.batches():
+                yield lambda w, xb=xb, yb=yb: k * lik.nll(fwd(w, xb), yb).sum()
 
-        try:
-            g = fgrad(tl)(c).detach()
-        except Exception:  # noqa: BLE001
-            w = c.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(tl(w), w)
+        def total(fn):
+            out = None
+            for tl in parts():
+                v = fn(tl)
+                out = v if out is None else out + v
+            return out
+
+        def grad_of(tl):
+            try:
+                return fgrad(tl)(c).detach()
+            except Exception:  # noqa: BLE001
+                w = c.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(tl(w), w)
+                return g
+
+        g = total(grad_of)
         gnorm = float(g.norm())
         info = {"grad_norm": gnorm, "lambda_shift": 0.0, "negative_curvature": False}
         if gnorm == 0.0:
             return info
 
-        def hvp(v):
+        def hvp_of(tl, v):
             try:
                 with warnings.catch_warnings():
                     # forward-over-reverse may trigger torch's own jit deprecation notices
@@ -402,6 +570,9 @@ class LocalPosterior:
                 (gg,) = torch.autograd.grad(tl(w), w, create_graph=True)
                 (hv,) = torch.autograd.grad(gg, w, v)
                 return hv.detach()
+
+        def hvp(v):
+            return total(lambda tl: hvp_of(tl, v))
 
         gamma = self.localization
         # CG for (H + γ I) s = g
@@ -548,6 +719,7 @@ class LocalPosterior:
         from .run import _count
         from .variational import SVIResult
 
+        self.data.require_memory(f"fit(method={method!r}) (variational inference, full-batch)")
         seed = _count("seed", seed, 0)
         steps = _count("steps", steps, 1)
         m = registry.get(method, kind="vi")

@@ -893,6 +893,8 @@ class ReferenceClass:
             why = "the declaration is not attached (ReferenceClass.load(..., posterior=post))"
         elif self._draws is None:
             why = "the draws were not kept (keep_draws=False)"
+        elif not self.posterior.data.in_memory:
+            why = "data= is streamed (a DataLoader/dataset), not held in memory"
         elif name not in ("categorical", "gaussian", "bernoulli") and not required:
             why = f"the likelihood {name!r} is not known to be a normalized density"
         elif self.chains * self.num_draws * int(self.config["n"]) > max_values and not required:

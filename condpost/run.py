@@ -107,6 +107,10 @@ def sample(
 ) -> SampleResult:
     """Run ``method`` on ``post`` and return the executor's ``SampleResult``."""
     m = registry.get(method)
+    if m.kind == "sgmcmc":
+        post.data.require_random_access(f"method={m.name!r}")
+    else:  # full-batch gradients, or a potential exported over all rows
+        post.data.require_memory(f"method={m.name!r}")
     if isinstance(draws, str):
         raise ValueError(
             f"draws must be an integer ≥ 1; got {draws!r}. draws='auto' (run until λ̂ is "
@@ -178,11 +182,17 @@ def sample(
 def _gradient_probe(post: LocalPosterior):
     """One gradient of U at w*: the unit of work the thread choice is timed on."""
     w0 = post.center.detach().clone()
+    batch = None
+    if not post.data.in_memory:  # streamed data: one minibatch, never all rows
+        batch = post.data.head(256)
 
     def probe():
         w = w0.clone().requires_grad_(True)
         with torch.enable_grad():
-            u = post.potential(w)
+            if batch is None:
+                u = post.potential(w)
+            else:
+                u = post.likelihood.mean_nll(post.lifted.forward(w, batch[0]), batch[1])
             u.backward()
 
     return probe

@@ -56,7 +56,7 @@ def refined_posterior(
     center = lifted.full_named(post.center)
     return LocalPosterior(
         lifted.net,
-        (post.x, post.y) if data is None else data,
+        post.data if data is None else data,
         post.likelihood,
         nbeta=post.nbeta_spec if nbeta is None else nbeta,
         localization=post.localization if localization is None else localization,

@@ -32,6 +32,7 @@ def query_set(post, query, what: str = "record_losses") -> tuple[torch.Tensor, t
     data; a pair ``(x, y)`` a query set shaped like it (``what`` names the argument in
     errors)."""
     if query is None or query is True or (isinstance(query, str) and query == "train"):
+        post.data.require_memory(f"{what}=True (every training row's loss at every draw)")
         return post.x, post.y, "train"
     if not isinstance(query, (tuple, list)) or len(query) != 2:
         raise TypeError(
@@ -42,15 +43,16 @@ def query_set(post, query, what: str = "record_losses") -> tuple[torch.Tensor, t
 
     x = _prepare_probes(post, query[0], f"{what} x")
     y = torch.as_tensor(query[1])
+    yt = post.data.y_like  # one training row: dtype, device, shape
     if y.is_floating_point():
-        y = y.to(dtype=post.y.dtype)
-    y = y.to(post.y.device)
+        y = y.to(dtype=yt.dtype)
+    y = y.to(yt.device)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"{what} x has {x.shape[0]} rows but {what} y has {y.shape[0]}")
-    if tuple(y.shape[1:]) != tuple(post.y.shape[1:]):
+    if tuple(y.shape[1:]) != tuple(yt.shape[1:]):
         raise ValueError(
             f"{what} y has shape {tuple(y.shape)}; the training targets have shape "
-            f"{tuple(post.y.shape)}"
+            f"{(post.n, *yt.shape[1:])}"
         )
     return x, y, "custom"
 

@@ -283,7 +283,7 @@ def _fast_forward(post: LocalPosterior) -> Callable:
 
     try:
         with torch.no_grad():
-            x0 = post.x[: min(4, post.n)]
+            x0 = post.data.head(min(4, post.n))[0]
             a, b = fwd(post.center, x0), lifted.forward(post.center, x0)
         if not (isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)):
             return lifted.forward
@@ -457,14 +457,15 @@ def _center_nll(post: LocalPosterior, rows: int = 8192) -> torch.Tensor:
     """Per-sample NLL ``ℓ_i(w*)`` of every data point ``[n]`` (one pass, in blocks).
 
     ``L_B(w*)`` of a batch with indices ``idx`` is then ``ℓ(w*)[idx].mean()``: the
-    paired loss estimators need it at every measured draw, and ``w*`` never moves.
+    paired loss estimators need it at every measured draw, and ``w*`` never moves. A
+    streamed source is read in its own batches (``post.data.batches()``): the pass holds
+    one batch, and the result is ``n`` numbers, not the data.
     """
+    src = post.data
     with torch.no_grad():
         out = [
-            post.likelihood.nll(
-                post.lifted.forward(post.center, post.x[i : i + rows]), post.y[i : i + rows]
-            )
-            for i in range(0, post.n, rows)
+            post.likelihood.nll(post.lifted.forward(post.center, xb), yb)
+            for xb, yb in src.batches(rows if src.in_memory else None)
         ]
     return torch.cat(out)
 
@@ -527,15 +528,17 @@ def _grouped_loss(
     ``G`` is at least ``min_group`` (the chains, which the gradient step evaluates at once).
     """
     K, m = idx.shape
-    X, Y = post.x, post.y
-    per_row = post.d + 8 * (X[0].numel() + Y[0].numel())
+    src = post.data
+    xl, yl = src.x_like, src.y_like
+    per_row = post.d + 8 * (xl[0].numel() + yl[0].numel())
     G = max(1, min(K, max(int(min_group), (1 << 23) // max(m * per_row, 1))))
     out = []
     for a in range(0, K, G):
         flat = idx[a : a + G].reshape(-1)
         g = min(G, K - a)
-        XB = X.index_select(0, flat).view(g, m, *X.shape[1:])
-        YB = Y.index_select(0, flat).view(g, m, *Y.shape[1:])
+        X, Y = src.gather(flat)
+        XB = X.view(g, m, *X.shape[1:])
+        YB = Y.view(g, m, *Y.shape[1:])
         out.append(measure(W[a : a + G], XB, YB))
     return torch.cat(out) if len(out) > 1 else out[0]
 
@@ -545,8 +548,9 @@ def _batch_drawer(post: LocalPosterior, batch_size: int):
     chain, with replacement. With the chains' ``keys`` (``SGMCMCState.batch_keys``) the
     batch of step ``t`` is slot ``t`` of their gradient ``_IndexStream``; without them
     (a state made by hand) it is drawn from the chains' generators ``gens``."""
-    X, Y, n = post.x, post.y, post.n
-    dev = X.device
+    src, n = post.data, post.n
+    src.require_random_access("SG-MCMC (minibatch sampling)")
+    dev = post.device
     stream = _IndexStream(n, batch_size, dev, _IndexStream.GRADIENT)
 
     def draw(gens, step: int | None = None, keys: tuple | None = None):
@@ -560,9 +564,8 @@ def _batch_drawer(post: LocalPosterior, batch_size: int):
             idx = torch.randint(n, (1, m), generator=gens[0], device=dev)
         else:
             idx = torch.stack([torch.randint(n, (m,), generator=g, device=dev) for g in gens])
-        flat = idx.reshape(-1)
-        XB = X.index_select(0, flat).view(C, -1, *X.shape[1:])
-        return XB, Y.index_select(0, flat).view(C, -1, *Y.shape[1:]), idx
+        X, Y = src.gather(idx.reshape(-1))
+        return X.view(C, -1, *X.shape[1:]), Y.view(C, -1, *Y.shape[1:]), idx
 
     return draw
 
