@@ -45,7 +45,7 @@ autoregression ``x_{t+1} = (1 − εh/2)·x_t + √ε·ξ_t``: the mean forgets 
 relaxation time is ``τ = 1/(εh)`` steps (``1/(ε√h)`` for RMSProp-SGLD, whose
 preconditioner is ``≈ 1/√h`` there; ``max(α/(ηh), 1/√(ηh))`` for SGHMC and SGNHT with
 friction ``α``). The slowest direction sets it: ``h_min``, the smallest eigenvalue of
-the Hessian of ``U`` at ``w*`` (``bottom_curvature``), never below ``γ``. At a singular
+the Hessian of ``U`` at ``w*`` (``bottom_curvature``, Lanczos), never below ``γ``. At a singular
 ``w*`` (a deep linear network at the origin; the symmetry directions of a full-rank
 teacher) the loss Hessian has a null space and ``h_min = γ``: ``τ = 1/(εγ)``, so every
 halving of the step doubles it. Rungs of a fixed length (1000 steps) cannot relax below
@@ -78,7 +78,12 @@ there. The rung lengths double per halving, so the whole ladder costs about
 Hessian-vector products, ``top_curvature``) bounds the stable SGLD step (``ε < 4/h_max``
 for the drift of a quadratic). The ladder starts at ``2/h_max`` (η = ``1/h_max`` for SGHMC
 and SGNHT, ``2/√h_max`` for RMSProp-SGLD, whose preconditioner ``G ≈ 1/√h`` rescales the
-curvature) and halves ``rungs`` times (default 8, two decades). It works unchanged from
+curvature) and halves ``rungs`` times (default 8, two decades). When fewer than ``rungs`` rungs
+survive (the curvature at a singular ``w*`` understates the chains'), the ladder extends
+downwards until they do; when no rung meets the tolerance and the smallest is healthy
+(a ``w*`` whose curvature understates the typical set's, e.g. a saturated classifier), it
+extends by up to ``rungs`` more halvings until one does, or until a rung is too slow to
+relax. It works unchanged from
 d = 40 to d = 10⁵: the cost is the rungs' vectorized steps (above) plus ~60 Hessian-vector
 products for ``h_max`` and ``h_min``.
 
@@ -198,49 +203,57 @@ def bottom_curvature(
     *,
     iters: int = 30,
     seed: int = 1,
-    rtol: float = 1e-3,
 ) -> float:
-    """Smallest eigenvalue of the Hessian of ``U`` at ``w*`` (never below ``γ``).
+    """Smallest eigenvalue of the Hessian of ``U`` at ``w*``, clipped to ``[γ, h_max]``.
 
-    Power iteration on ``h_max·I − H`` (Hessian-vector products, as ``top_curvature``): its
-    top eigenvalue is ``h_max − h_min``. Power iteration approaches that from below, so
-    the estimate of ``h_min`` errs high; it is clipped to ``[γ, h_max]``. At a singular
-    ``w*`` (a deep linear network at the origin, a full-rank teacher's symmetry
-    directions) the loss Hessian has a null space and ``h_min = γ``.
+    Lanczos on Hessian-vector products (double backward of ``post.potential``, as
+    ``top_curvature``), at most ``iters`` products, with full reorthogonalization: the
+    smallest eigenvalue of the tridiagonal matrix (the smallest Ritz value) is an upper
+    bound on ``h_min`` that converges much faster than power iteration on
+    ``h_max·I − H`` when ``h_max ≫ h_min``. At a singular ``w*`` (a deep linear network at
+    the origin, a full-rank teacher's symmetry directions) the loss Hessian has a null
+    space and ``h_min = γ``.
 
     Parameters
     ----------
     post : LocalPosterior
     h_max : float, optional
-        The top curvature (default: ``top_curvature(post)``).
-    iters, seed, rtol :
-        As for ``top_curvature``.
+        Upper clip (default: the largest Ritz value).
+    iters : int
+        Maximum number of Hessian-vector products (default 30).
+    seed : int
+        Seed of the random start vector.
     """
     gam = float(post.localization)
-    h = top_curvature(post) if h_max is None else float(h_max)
     w0 = post.center.detach().clone()
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     v = torch.randn(w0.shape, generator=g, dtype=torch.float64).to(w0)
     v = v / v.norm()
-    mu, mu_old = 0.0, None
-    for it in range(int(iters)):
+    Q, alpha, beta = [v], [], []
+    for _ in range(max(1, min(int(iters), w0.numel()))):
         x = w0.clone().requires_grad_(True)
         with torch.enable_grad():
             u = post.potential(x)
             (gr,) = torch.autograd.grad(u, x, create_graph=True)
-            (hv,) = torch.autograd.grad(gr, x, grad_outputs=v)
-        sv = h * v - hv.detach()
-        if not bool(torch.isfinite(sv).all()):
+            (hv,) = torch.autograd.grad(gr, x, grad_outputs=Q[-1])
+        r = hv.detach()
+        if not bool(torch.isfinite(r).all()):
             return gam
-        mu = float(torch.dot(v, sv))
-        nrm = float(sv.norm())
-        if nrm <= 1e-12 * max(h, 1e-300):  # H = h_max·I: every direction is equally stiff
-            break
-        v = sv / nrm
-        if it >= 5 and mu_old is not None and abs(mu - mu_old) <= rtol * max(abs(mu), 1e-300):
-            break
-        mu_old = mu
-    return float(min(max(h - mu, gam), h))
+        alpha.append(float(torch.dot(Q[-1], r)))
+        for q in Q:  # full reorthogonalization (twice is enough)
+            r = r - torch.dot(q, r) * q
+        for q in Q:
+            r = r - torch.dot(q, r) * q
+        nb = float(r.norm())
+        if nb <= 1e-10 * max(abs(a) for a in alpha) or len(alpha) == w0.numel():
+            break  # an invariant subspace: the Ritz values are eigenvalues
+        beta.append(nb)
+        Q.append(r / nb)
+    k = len(alpha)
+    T = np.diag(alpha) + np.diag(beta[: k - 1], 1) + np.diag(beta[: k - 1], -1)
+    ritz = np.linalg.eigvalsh(T)
+    top = float(ritz[-1]) if h_max is None else float(h_max)
+    return float(min(max(float(ritz[0]), gam), max(top, gam)))
 
 
 def relaxation_time(method: str, step_size: float, h_min: float, friction: float = 0.1) -> float:
@@ -548,7 +561,7 @@ def calibrate_step_size(
             carry["w"] = state.w.detach().clone()
         return status == "ok" or not status.startswith("diverged"), not slow
 
-    extra = 0
+    extra = more = 0
     try:
         # from the largest step down: each rung starts where the rung above ended
         for eps in sorted(grid, reverse=True):
@@ -570,10 +583,28 @@ def calibrate_step_size(
                     break
             if extra:
                 grid = sorted(grid + [grid[0] / 2.0**i for i in range(1, extra + 1)])
+        # No rung met the tolerance while the smallest is healthy: its bias (∝ ε) is still
+        # too large, or too uncertain. Halve further (at most ``rungs`` times), each new
+        # rung warm-started from the one above, until a rung qualifies or one cannot relax
+        # within ``max_steps``. Only for the default ladder with relaxation-sized rungs.
+        if h_max is not None and relax > 0:
+            while more < int(rungs):
+                rows.sort(key=lambda r: r["step_size"])
+                if _decide(rows, tolerance, virial_tol, z)[1] or rows[0]["status"] != "ok":
+                    break
+                more += 1
+                if not run_rung(rows[0]["step_size"] / 2.0)[1]:
+                    break
         rows.sort(key=lambda r: r["step_size"])
     finally:
         bar.close()
     rec, qualified, reasoning = _decide(rows, tolerance, virial_tol, z)
+    if more:
+        reasoning = [
+            f"no rung met the tolerance and the smallest was healthy: the ladder was extended "
+            f"downwards by {more} more halvings to {rows[0]['step_size']:.3g} (the bias falls "
+            f"with ε)."
+        ] + list(reasoning)
     if extra:
         reasoning = [
             f"the default ladder (top 2/h_max from the curvature at w*) left fewer than {rungs} "

@@ -142,8 +142,17 @@ def test_small_network_d40_gets_a_step_with_reasoning():
     assert 35 <= post.d <= 45
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cp.SamplerWarning)
+        # max_steps: the relaxation-sized rungs (h_min = γ = 1 here) would otherwise run up
+        # to 32·400 steps each; the rule itself is tested on a model with a known h_min
         res = calibrate_step_size(
-            post, "sgld", chains=16, steps=400, rungs=6, batch_size=100, progress=False
+            post,
+            "sgld",
+            chains=16,
+            steps=400,
+            rungs=6,
+            batch_size=100,
+            progress=False,
+            max_steps=1600,
         )
     assert math.isfinite(res.recommended) and res.recommended > 0
     healthy = [r for r in res.rows if r["status"] == "ok"]
