@@ -962,7 +962,10 @@ def run_sgmcmc(
         Required: ε (SGLD, RMSProp-SGLD) or η (SGHMC). ``calibrate_step_size`` helps pick it.
     batch_size : int, optional
         Gradient minibatch size (default ``min(n, 256)``), drawn with replacement,
-        independently per chain and step.
+        independently per chain and step. The row indices are a pure function of the
+        chain's seed and the step; a streamed ``data=`` (a DataLoader or map-style
+        dataset) fetches only those rows (docs/data.md). An iterable of batches without
+        random access is refused.
     thin : int
         Keep every ``thin``-th state as a draw (default 1).
     loss_every : int
