@@ -9,7 +9,10 @@ standard errors from batch means within chains, pooled across chains.
 * ``influence(ref, query, observable)``: ``Cov_π(ℓ_i, ℓ_j)`` (the Bayesian influence
   function, matrix form or top-k per query), or ``Cov_π(ℓ_i, O)``;
 * ``susceptibility(ref, observable, groups)``: ``χ_g = −(nβ/n)·Cov_π(O, Σ_{i∈g} ℓ_i)``,
-  the linear response of ``E_π[O]`` to up-weighting the samples of group ``g``.
+  the linear response of ``E_π[O]`` to up-weighting the samples of group ``g``;
+* ``component_susceptibilities(post, components, groups)``: the same per component of
+  the network (a head, a block of neurons), each sampled from its weight-refined
+  posterior with the losses recorded along the chains: a components × groups table.
 
 This module reads a ``ReferenceClass`` but never imports ``condpost.reference`` (the
 class's thin ``influence`` and ``susceptibility`` methods import this module).
@@ -34,8 +37,11 @@ __all__ = [
     "influence",
     "susceptibility",
     "cov_with_stderr",
+    "component_susceptibilities",
     "Influence",
     "Susceptibility",
+    "ComponentSusceptibilities",
+    "Contrast",
     "MATRIX_MAX",
 ]
 
@@ -299,6 +305,31 @@ class Influence:
         )
 
 
+@dataclass(frozen=True)
+class Contrast:
+    """``χ_a − χ_b`` (or ``|χ_a| − |χ_b|``) with the Monte Carlo standard error of the
+    difference itself (computed from the per-draw difference of the two group sums, so
+    the correlation between the two estimates is accounted for)."""
+
+    value: float
+    stderr: float
+    a: str
+    b: str
+    absolute: bool = False
+
+    @property
+    def z(self) -> float:
+        """``value / stderr``: the difference in standard errors."""
+        return self.value / self.stderr if self.stderr > 0 else float("nan")
+
+    def __str__(self) -> str:
+        bar = "|" if self.absolute else ""
+        return (
+            f"{bar}χ_{self.a}{bar} − {bar}χ_{self.b}{bar} = {self.value:.4g} ± "
+            f"{self.stderr:.2g} (MC s.e.), z = {self.z:.2f}"
+        )
+
+
 @dataclass
 class Susceptibility:
     """``χ_g = −(nβ/n)·Cov_π(O, Σ_{i∈g} ℓ_i)`` per group, with Monte Carlo standard errors."""
@@ -310,6 +341,11 @@ class Susceptibility:
     nbeta: float
     n: int
     draws: int = 0
+    # per-draw group sums [chains, draws, groups] and observable [chains, draws], kept for
+    # contrasts between groups (small: one number per draw and group)
+    sums: np.ndarray | None = field(default=None, repr=False)
+    observable: np.ndarray | None = field(default=None, repr=False)
+    batches: int | None = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> float:
         return self.values[name]
@@ -317,11 +353,42 @@ class Susceptibility:
     def z(self, name: str) -> float:
         return self.values[name] / self.stderr[name]
 
+    def contrast(self, a: str, b: str, *, absolute: bool = False) -> Contrast:
+        """``χ_a − χ_b`` with the standard error of the difference.
+
+        The two estimates share the draws (and, for overlapping groups, samples), so
+        their errors are correlated: the error here is the batch-means error of
+        ``−(nβ/n)·Cov(O, Σ_a ℓ − Σ_b ℓ)``, not ``√(se_a² + se_b²)``. With
+        ``absolute=True`` the value is ``|χ_a| − |χ_b|``; its error is that of
+        ``χ_a − χ_b`` when the two have the same sign and that of ``χ_a + χ_b`` when they
+        do not (first order in the errors).
+        """
+        if self.sums is None or self.observable is None:
+            raise ValueError(
+                "contrast() needs the per-draw sums (a Susceptibility from susceptibility())"
+            )
+        names = list(self.values)
+        for g in (a, b):
+            if g not in self.values:
+                raise KeyError(f"no group {g!r}; groups are {names}")
+        ia, ib = names.index(a), names.index(b)
+        va, vb = self.values[a], self.values[b]
+        sign = 1.0
+        if absolute and np.sign(va) != np.sign(vb):
+            sign = -1.0  # |χ_a| − |χ_b| = ±(χ_a + χ_b)
+        diff = self.sums[..., ia] - sign * self.sums[..., ib]
+        _, se = cov_with_stderr(diff, self.observable, batches=self.batches)
+        f = self.nbeta / self.n
+        value = abs(va) - abs(vb) if absolute else va - vb
+        return Contrast(float(value), float(f * se), str(a), str(b), absolute)
+
     def __str__(self) -> str:
         w = max([5, *(len(k) for k in self.values)])
-        lines = [f"{'group'.rjust(w)}  {'size':>6}  {'chi':>11}  {'stderr':>9}"]
+        lines = [f"{'group'.rjust(w)}  {'size':>6}  {'chi':>11}  {'stderr':>9}  {'z':>6}"]
         for k, v in self.values.items():
-            lines.append(f"{k.rjust(w)}  {self.sizes[k]:>6}  {v:>11.4g}  {self.stderr[k]:>9.2g}")
+            se = self.stderr[k]
+            z = v / se if se > 0 else float("nan")
+            lines.append(f"{k.rjust(w)}  {self.sizes[k]:>6}  {v:>11.4g}  {se:>9.2g}  {z:>6.2f}")
         return "\n".join(lines)
 
     def to_dataframe(self):
@@ -331,6 +398,7 @@ class Susceptibility:
             {
                 "chi": self.values,
                 "stderr": self.stderr,
+                "z": {k: self.z(k) if self.stderr[k] > 0 else np.nan for k in self.values},
                 "cov": self.cov,
                 "size": self.sizes,
             }
@@ -465,4 +533,281 @@ def susceptibility(
         nbeta=ref.nbeta,
         n=n,
         draws=int(G.shape[0] * G.shape[1]),
+        sums=G,
+        observable=np.asarray(O, dtype=np.float64),
+        batches=batches,
+    )
+
+
+# --------------------------------------------------------------------------- per component
+@dataclass
+class ComponentSusceptibilities:
+    """Susceptibilities per component of the network (rows) and group of samples (columns).
+
+    ``chi[c, g]`` is ``χ_g`` of the observable under the weight-refined posterior of
+    component ``c`` (only its weights sampled, the rest at ``w*``), ``stderr`` its Monte
+    Carlo standard error, ``z = chi / stderr``. ``results[c]`` is the component's
+    ``Susceptibility`` (``.contrast(a, b)`` compares two groups with the error of the
+    difference); ``dims[c]`` the number of weights sampled; ``notes[c]`` what was
+    special about a component (a constraint that does not depend on its weights).
+    """
+
+    components: list[str]
+    groups: list[str]
+    chi: np.ndarray
+    stderr: np.ndarray
+    sizes: dict[str, int]
+    dims: dict[str, int]
+    observable: str
+    method: str
+    results: dict[str, Susceptibility] = field(default_factory=dict, repr=False)
+    notes: dict[str, str] = field(default_factory=dict)
+    refs: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def z(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.chi / self.stderr
+
+    def __getitem__(self, key) -> float:
+        """``table[component, group]`` → χ."""
+        c, g = key
+        return float(self.chi[self.components.index(c), self.groups.index(g)])
+
+    def contrast(self, component: str, a: str, b: str, *, absolute: bool = False) -> Contrast:
+        """``χ_a − χ_b`` (or ``|χ_a| − |χ_b|``) within one component, with the error of
+        the difference (``Susceptibility.contrast``)."""
+        if component not in self.results:
+            raise KeyError(f"no component {component!r}; components are {self.components}")
+        res = self.results[component]
+        if res.sums is None:
+            raise ValueError(f"component {component!r}: {self.notes.get(component, 'no draws')}")
+        return res.contrast(a, b, absolute=absolute)
+
+    def to_dataframe(self):
+        """Long format: index (component, group), columns chi, stderr, z, size, d.
+        ``df["chi"].unstack()`` is the components × groups matrix."""
+        import pandas as pd
+
+        rows = []
+        for i, c in enumerate(self.components):
+            for j, g in enumerate(self.groups):
+                se = self.stderr[i, j]
+                rows.append(
+                    {
+                        "component": c,
+                        "group": g,
+                        "chi": self.chi[i, j],
+                        "stderr": se,
+                        "z": self.chi[i, j] / se if se > 0 else np.nan,
+                        "size": self.sizes[g],
+                        "d": self.dims[c],
+                    }
+                )
+        return pd.DataFrame(rows).set_index(["component", "group"])
+
+    def __str__(self) -> str:
+        cells = [
+            [f"{self.chi[i, j]:.3g} ± {self.stderr[i, j]:.2g}" for j in range(len(self.groups))]
+            for i in range(len(self.components))
+        ]
+        heads = [f"{g} (n={self.sizes[g]})" for g in self.groups]
+        wc = max([9, *(len(c) for c in self.components)])
+        wd = max([1, *(len(str(v)) for v in self.dims.values())])
+        widths = [max(len(h), *(len(r[j]) for r in cells)) for j, h in enumerate(heads)]
+        out = [
+            f"χ of {self.observable!r} per component (weight-refined {self.method}), "
+            f"± Monte Carlo s.e.",
+            f"{'component'.ljust(wc)}  {'d'.rjust(wd)}  "
+            + "  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)),
+        ]
+        for i, c in enumerate(self.components):
+            out.append(
+                f"{c.ljust(wc)}  {str(self.dims[c]).rjust(wd)}  "
+                + "  ".join(v.rjust(w) for v, w in zip(cells[i], widths, strict=True))
+            )
+        for c, note in self.notes.items():
+            out.append(f"note: {c}: {note}")
+        return "\n".join(out)
+
+
+_INDEPENDENT = "does not depend on any lifted parameter"
+
+
+def _refined_with_constraints(post, include):
+    """The weight-refined declaration of one component, with the constraints of ``post``
+    re-bound to it. A constraint whose feature does not depend on the component's
+    weights (no autograd path, or a gradient that is zero at ``w*`` and nearby) is a
+    constant there, its defect 0 at every draw: it is left out, and its name returned."""
+    import warnings
+
+    from .slt import refined_posterior
+
+    def declare(specs):
+        rp = refined_posterior(post, include=include)
+        for spec in specs:
+            rp.preserve(spec)
+        return rp
+
+    rp = refined_posterior(post, include=include)
+    kept, constant = [], []
+    for b in post.constraints:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                rp.preserve(b.spec)
+            except ValueError as e:
+                if _INDEPENDENT not in str(e):
+                    raise
+                constant.append(b.name)
+                continue
+        if any(_INDEPENDENT in str(w.message) for w in caught):
+            constant.append(b.name)
+        else:
+            kept.append(b.spec)
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if constant and len(rp.constraints) != len(kept):
+        rp = declare(kept)  # without the constant ones (each would cost a forward per step)
+    return rp, constant
+
+
+def component_susceptibilities(
+    post,
+    components,
+    groups: Mapping[str, Sequence[int]] | Sequence[Sequence[int]],
+    *,
+    observable="loss",
+    method: str = "sgld",
+    query=None,
+    batches: int | None = None,
+    keep_refs: bool = False,
+    **sample_kw,
+) -> ComponentSusceptibilities:
+    """Susceptibilities per component: each component sampled on its own, weights refined.
+
+    For each component ``c`` (a selection of weights: a head, a block of MLP neurons, a
+    layer), the weight-refined declaration ``slt.refined_posterior(post, include=sel)``
+    lifts only those weights (the rest stay at ``w*``), carries over ``post``'s
+    constraints, and is sampled with ``method`` and the per-sample losses recorded along
+    the chains (``record_losses``, ``keep_draws=False``: the draws are not kept). Then
+    ``χ_g = −(nβ/n)·Cov_π_c(O, Σ_{i∈g} ℓ_i)`` for each group ``g``, with batch-means
+    standard errors (``susceptibility``). This is the per-component analysis of Baker et
+    al. 2025 (arXiv:2504.18274): an observable localized on a component, fluctuated by a
+    posterior over that component's weights (docs/influence.md).
+
+    Parameters
+    ----------
+    post : LocalPosterior
+        The declaration (data, likelihood, nβ, γ, constraints).
+    components : dict name → selection, or a list of selections
+        ``include=`` selections (``condpost.models.heads(0, 1)``, ``neurons(0, slice(0,
+        32))``, glob patterns, ``"blocks.0.attn.W_Q[1]"``). ``None`` is ``post``'s own
+        selection (the whole lifted network, as a reference row). A list is named by
+        ``str`` of each selection.
+    groups : dict name → indices (or a list of index lists)
+        Indices into the query set (default: the training samples).
+    observable : str or callable
+        A recorded per-draw statistic: ``"loss"`` (``L_n``), ``"defect/<name>"`` (a
+        constraint's defect), ``"virial"``; or a callable ``(ref, component) → [chains,
+        draws]`` evaluated on each component's reference class. The defect of a
+        constraint that does not depend on a component's weights is 0 at every draw: its
+        χ is exactly 0 there (stderr 0, and a note).
+    method : str
+        A torch sampler that records losses (the SG-MCMC methods, ``"mala"``, a
+        registered kernel).
+    query : None or (x, y)
+        The recorded query set (default: the training data).
+    batches : int, optional
+        Batches per chain for the standard errors.
+    keep_refs : bool
+        Keep each component's ``ReferenceClass`` in ``.refs`` (with its recorded losses,
+        ``[chains, draws', q]`` each).
+    **sample_kw
+        Go to ``LocalPosterior.sample`` (``chains``, ``warmup``, ``draws``, ``step_size``,
+        ``batch_size``, ``record_every``, ``seed``, ``store`` is not supported here).
+    """
+    if isinstance(components, Mapping):
+        comps = {str(k): v for k, v in components.items()}
+    else:
+        comps = {str(v): v for v in components}
+    if not comps:
+        raise ValueError("components is empty")
+    if not isinstance(groups, Mapping):
+        groups = {str(i): g for i, g in enumerate(groups)}
+    groups = {str(k): v for k, v in groups.items()}
+    if not groups:
+        raise ValueError("groups is empty")
+    for k in ("record_losses", "store"):
+        if k in sample_kw:
+            raise TypeError(
+                f"component_susceptibilities sets {k} itself (record_losses from query=; "
+                f"no store): remove {k}= from the sampler options"
+            )
+    if isinstance(observable, str) and observable.startswith("defect:"):
+        observable = "defect/" + observable[len("defect:") :]
+    if not (isinstance(observable, str) or callable(observable)):
+        raise TypeError(
+            "observable must be the name of a recorded statistic ('loss', 'defect/<name>') "
+            f"or a callable (ref, component) -> [chains, draws]; got {type(observable).__name__}"
+        )
+    sample_kw.setdefault("keep_draws", False)
+    record = True if query is None else query
+    obs_label = (
+        observable if isinstance(observable, str) else getattr(observable, "__name__", "callable")
+    )
+
+    C, G = len(comps), len(groups)
+    chi = np.zeros((C, G))
+    se = np.zeros((C, G))
+    results: dict[str, Susceptibility] = {}
+    dims: dict[str, int] = {}
+    notes: dict[str, str] = {}
+    refs: dict = {}
+    sizes = {g: int(np.asarray(idx).size) for g, idx in groups.items()}
+    defect = (
+        observable[len("defect/") :]
+        if isinstance(observable, str) and observable.startswith("defect/")
+        else None
+    )
+    q = "recorded" if query is not None else None
+    for i, (name, sel) in enumerate(comps.items()):
+        rp, constant = _refined_with_constraints(post, sel)
+        dims[name] = int(rp.d)
+        if defect is not None and defect in constant:
+            # D ≡ 0 on this component: χ = 0 exactly, nothing to sample
+            notes[name] = (
+                f"constraint {defect!r} does not depend on this component's weights: its "
+                f"defect is 0 at every draw, so χ = 0 exactly (not sampled)"
+            )
+            results[name] = Susceptibility(
+                values=dict.fromkeys(groups, 0.0),
+                stderr=dict.fromkeys(groups, 0.0),
+                cov=dict.fromkeys(groups, 0.0),
+                sizes=dict(sizes),
+                nbeta=rp.nbeta,
+                n=rp.n,
+            )
+            continue
+        ref = rp.sample(method, record_losses=record, **sample_kw)
+        if keep_refs:
+            refs[name] = ref
+        obs = observable(ref, name) if callable(observable) else observable
+        res = susceptibility(ref, obs, groups, query=q, batches=batches)
+        results[name] = res
+        for j, g in enumerate(res.values):
+            chi[i, j] = res.values[g]
+            se[i, j] = res.stderr[g]
+    return ComponentSusceptibilities(
+        components=list(comps),
+        groups=list(groups),
+        chi=chi,
+        stderr=se,
+        sizes=sizes,
+        dims=dims,
+        observable=str(obs_label),
+        method=method,
+        results=results,
+        notes=notes,
+        refs=refs,
     )
