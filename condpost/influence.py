@@ -641,15 +641,13 @@ def _refined_with_constraints(post, include):
     constant there, its defect 0 at every draw: it is left out, and its name returned."""
     import warnings
 
-    from .slt import refined_posterior
-
     def declare(specs):
-        rp = refined_posterior(post, include=include)
+        rp = post.refined(include=include)
         for spec in specs:
             rp.preserve(spec)
         return rp
 
-    rp = refined_posterior(post, include=include)
+    rp = post.refined(include=include)
     kept, constant = [], []
     for b in post.constraints:
         with warnings.catch_warnings(record=True) as caught:

@@ -252,6 +252,31 @@ class LocalPosterior:
             self._plan[key] = (p, sites)
         return self
 
+    def refined(
+        self, *, include=None, exclude=None, data=None, nbeta=None, localization=None
+    ) -> LocalPosterior:
+        """The weight- and/or data-refined declaration (``condpost.slt.refined_posterior``):
+        only ``include``/``exclude`` lifted (the rest at this declaration's ``w*``), and/or
+        ``data`` defining ``L_n``. ``nbeta`` and ``localization`` default to this
+        declaration's; constraints are not carried over."""
+        lifted = self.lifted
+        if include is None and exclude is None:
+            include, exclude = self.include, self.exclude
+        # w* as full parameters, which a declaration of any selection (sliced or whole) takes
+        center = lifted.full_named(self.center)
+        return LocalPosterior(
+            lifted.net,
+            self.data if data is None else data,
+            self.likelihood,
+            nbeta=self.nbeta_spec if nbeta is None else nbeta,
+            localization=self.localization if localization is None else localization,
+            include=include,
+            exclude=exclude,
+            dtype=self.dtype,
+            center=center,
+            check_center=data is None,
+        )
+
     def with_nbeta(self, nbeta) -> LocalPosterior:
         """A copy of this declaration at another nβ (constraints re-bound)."""
         return self._replace(nbeta=nbeta)

@@ -45,26 +45,8 @@ def refined_posterior(
     defaults to the original specification (``"wbic"`` then means ``n'/log n'`` on new
     data); ``localization`` to the original γ. Constraints are not carried over.
     """
-    from .posterior import LocalPosterior
-
-    lifted = post.lifted
-    if include is None and exclude is None:
-        include = post.include
-        exclude = post.exclude
-
-    # w* as full parameters, which a declaration of any selection (sliced or whole) takes
-    center = lifted.full_named(post.center)
-    return LocalPosterior(
-        lifted.net,
-        post.data if data is None else data,
-        post.likelihood,
-        nbeta=post.nbeta_spec if nbeta is None else nbeta,
-        localization=post.localization if localization is None else localization,
-        include=include,
-        exclude=exclude,
-        dtype=post.dtype,
-        center=center,
-        check_center=data is None,
+    return post.refined(
+        include=include, exclude=exclude, data=data, nbeta=nbeta, localization=localization
     )
 
 

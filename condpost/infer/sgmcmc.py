@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from .._batching import batched as _batched
 from .._errors import SamplerWarning, warn
 from ..potential import Potential
 from .base import SampleResult
@@ -315,8 +316,10 @@ def _potential_fns(pot: Potential, *, vectorize: bool | str = "auto", compile: b
 
     # Chains are independent, so ∇_W Σ_c U_c(W_c) stacks the per-chain gradients: one
     # reverse pass through the vmapped forward (cheaper than vmap(grad(...)) in eager mode).
-    batched = vmap(obj)
-    mode = {"vmap": vectorize in ("auto", True), "checked": vectorize is not True}
+    # vectorize=True: vmap or fail; "auto": the one "vmap, else loop" helper.
+    net_name = type(post.lifted.net).__name__
+    batched = vmap(obj) if vectorize is True else _batched(obj, f"SG-MCMC gradients ({net_name})")
+    mode = {"vmap": vectorize in ("auto", True)}
 
     # without constraints U_B = nβ·L_B: the reverse pass starts from L_B with the seed nβ
     # (no product node, no unit seed tensor per step)
@@ -402,44 +405,33 @@ def _potential_fns(pot: Potential, *, vectorize: bool | str = "auto", compile: b
                 )
         if W.shape[0] == 1 or not mode["vmap"]:
             return with_grad(loop, W, XB, YB, potential)
-        if mode["checked"]:
-            try:
-                out = with_grad(batched, W, XB, YB, potential)
-            except Exception:  # noqa: BLE001 - modules vmap cannot trace: loop instead
-                mode["vmap"] = False
-                return with_grad(loop, W, XB, YB, potential)
-            mode["checked"] = False
-            return out
         return with_grad(batched, W, XB, YB, potential)
 
+    def vectorized() -> bool:
+        """Whether the chains were batched with vmap (no fallback to the loop)."""
+        return bool(mode["vmap"]) and not getattr(batched, "failed", False)
+
     f.mode = mode  # type: ignore[attr-defined]
+    f.vectorized = vectorized  # type: ignore[attr-defined]
     f.forward = forward  # type: ignore[attr-defined]
     return f
 
 
 def _loss_fn(post: LocalPosterior, forward: Callable | None = None):
     """``f(W [C,d], XB, YB) -> L_B [C]`` (no gradient), vectorized over chains."""
-    from torch.func import vmap
-
     forward = post.lifted.forward if forward is None else forward
     mean_nll = post.likelihood.mean_nll
 
     def one(w, xb, yb):
         return mean_nll(forward(w, xb), yb)
 
-    batched = vmap(one)
-    state = {"vmap": True}
+    batched = _batched(one, f"minibatch losses ({type(post.lifted.net).__name__})")
 
     def f(W, XB, YB):
         with torch.no_grad():
             if W.shape[0] == 1:
                 return one(W[0], XB[0], YB[0]).unsqueeze(0)
-            if state["vmap"]:
-                try:
-                    return batched(W, XB, YB)
-                except Exception:  # noqa: BLE001
-                    state["vmap"] = False
-            return torch.stack([one(W[c], XB[c], YB[c]) for c in range(W.shape[0])])
+            return batched(W, XB, YB)
 
     return f
 
@@ -1168,7 +1160,7 @@ def run_sgmcmc(
             return state._replace(adapting=False)
 
     def finalize(s: dict) -> None:
-        s["vectorized"] = bool(kernel.potential_and_grad.mode["vmap"]) and chains > 1
+        s["vectorized"] = kernel.potential_and_grad.vectorized() and chains > 1
         s["gradient_evaluations"] = (warmup + draws * thin) * chains
 
     prev_threads = torch.get_num_threads()
