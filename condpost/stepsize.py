@@ -557,7 +557,9 @@ def calibrate_step_size(
             extended=extended,
         )
         rows.append(row)
-        if status == "ok":
+        if status == "ok" and not row["status"].startswith("unstable"):
+            # an unstable rung's chains have left the region (virial ≫ 1): the next rung
+            # starts from the last usable state instead (or from w*)
             carry["w"] = state.w.detach().clone()
         return status == "ok" or not status.startswith("diverged"), not slow
 
