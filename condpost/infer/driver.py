@@ -31,7 +31,9 @@ callback, result). The draws are those of ``kernel.step``.
   ``‖w − w*‖² > blowup`` (10⁴·d/γ by default: far outside any localized posterior),
   stops the run; the draws before it are returned with the fault marked (and a
   ``SamplerWarning``), and a run with no complete draw raises ``FloatingPointError``;
-* **statistics**: ``dist2`` = ``‖w − w*‖²`` of every draw, the kernel's ``Info`` fields
+* **statistics**: ``dist2`` = ``‖w − w*‖²`` of every draw, the virial term
+  ``(w − w*)·∇U(w)`` when the kernel's ``Info`` has ``grad`` (∇U at the step's input,
+  e.g. a minibatch gradient: then an unbiased estimate), the kernel's ``Info`` fields
   named in ``kernel.info_stats`` (default: every ``[C]`` field) as ``sampler/<name>``,
   and whatever the ``recorders`` compute per window (the SG-MCMC losses and virial, the
   per-sample losses of ``condpost.influence``);
@@ -45,7 +47,8 @@ every ``e``-th draw: ``⌈draws/e⌉`` entries per chain),
 ``select(s, state, info)`` (called at every kept draw with the state entering the step
 and the step's ``Info``; what it returns is kept until the window is flushed) and
 ``window(S, W, selected) -> {name: (first index, tensor [k, C])}`` (``S`` the draw
-indices of the window, ``W`` ``[K, C, d]`` their weights).
+indices of the window, ``W`` their weights, a list of ``[C, d]`` tensors: a recorder
+stacks only what it needs).
 """
 
 from __future__ import annotations
@@ -142,6 +145,22 @@ def decode_state(template, saved: dict[str, np.ndarray]):
 # ---------------------------------------------------------------------------------------
 
 
+def centred_dots(ws: list[torch.Tensor], center: torch.Tensor, others=None):
+    """``‖w_k − w*‖²`` and, with ``others``, ``(w_k − w*)·o_k`` for draws ``w_k`` ``[C, d]``,
+    as ``[K, C]`` tensors, through one reused difference buffer and batched dot products
+    (no ``[K, C, d]`` stack, no temporary per draw: at large ``d`` these reductions are
+    memory-bound)."""
+    buf = torch.empty_like(ws[0])
+    d2, dots = [], []
+    for k, w in enumerate(ws):
+        torch.sub(w, center, out=buf)
+        b = buf.unsqueeze(1)  # [C, 1, d]
+        d2.append(torch.bmm(b, buf.unsqueeze(2)).view(-1))
+        if others is not None:
+            dots.append(torch.bmm(b, others[k].unsqueeze(2)).view(-1))
+    return torch.stack(d2), (torch.stack(dots) if others is not None else None)
+
+
 def _fault_text(method, step_size, chains_bad, step, warmup, thin, where) -> str:
     phase = (
         f"warmup step {step}" if step < warmup else f"step {step} (draw {(step - warmup) // thin})"
@@ -201,7 +220,7 @@ def run_chains(
         blowup = 1e4 * d / gam if gam > 0 else math.inf
     freeze = freeze if freeze is not None else getattr(kernel, "freeze", None)
     wanted = getattr(kernel, "info_stats", None)
-    every = {"dist2": 1}  # statistic -> kept at every how-many-th draw
+    every = {"dist2": 1}  # statistic -> kept at every how-many-th draw (others: 1)
     for r in recorders:
         every.update(r.shapes())
     widths = {name: -(-draws // e) for name, e in every.items()}
@@ -256,6 +275,7 @@ def run_chains(
     kept_t: list[int] = []
     kept_s: list[int] = []
     kept_w: list[torch.Tensor] = []
+    kept_grad: list[torch.Tensor] = []  # Info.grad of the kept draws, when the kernel has it
     kept_sel: list[list] = [[] for _ in recorders]
     kept_info: dict[str, list[torch.Tensor]] = {}
     pending: list[np.ndarray] = []  # draws flushed but not yet written to the store
@@ -292,11 +312,10 @@ def run_chains(
 
     def flush() -> None:
         """Check the window; record its good draws; set ``fault`` at a bad step."""
-        W = torch.stack(kept_w) if kept_w else None  # [K, C, d]
-        dist2 = None
-        if W is not None:
-            diff = W - center
-            dist2 = (diff * diff).sum(-1)
+        # ‖w − w*‖² of each draw and, when the kernel reports ∇U at the draw (Info.grad),
+        # the virial term (w − w*)·∇U, in one pass over the draws
+        grads = kept_grad if len(kept_grad) == len(kept_w) and kept_grad else None
+        dist2, virial = centred_dots(kept_w, center, grads) if kept_w else (None, None)
         bad = check(dist2)
         k = len(kept_s)
         if bad is not None:
@@ -305,8 +324,10 @@ def run_chains(
         if k:
             s0 = kept_s[0]
             S = kept_s[:k]
-            W = W[:k]
+            W = kept_w[:k]  # a list of [C, d]: recorders stack only what they need
             out = {"dist2": (s0, dist2[:k])}
+            if virial is not None:
+                out["virial"] = (s0, virial[:k])
             for name, xs in kept_info.items():
                 out[f"sampler/{name}"] = (s0, torch.stack(xs[:k]))
             for r, sel in zip(recorders, kept_sel, strict=True):
@@ -317,15 +338,16 @@ def run_chains(
                     stats[name] = np.zeros((C, draws), dtype=np.float64)
                 stats[name][:, j0 : j0 + a.shape[1]] = a
             if keep_draws:
-                wn = W.detach().cpu().numpy()  # [k, C, d]
-                if draws_buf is not None:
-                    draws_buf[:, s0 : s0 + k] = wn.transpose(1, 0, 2)
-                else:
-                    pending.extend(wn)
+                for j, w in enumerate(W):
+                    wn = w.detach().cpu().numpy()  # [C, d]
+                    if draws_buf is not None:
+                        draws_buf[:, s0 + j] = wn
+                    else:
+                        pending.append(wn.copy())
             recorded[0] = s0 + k
         win_t.clear()
         win_u.clear()
-        for xs in (kept_t, kept_s, kept_w, *kept_sel, *kept_info.values()):
+        for xs in (kept_t, kept_s, kept_w, kept_grad, *kept_sel, *kept_info.values()):
             xs.clear()
 
     bar = tqdm(
@@ -355,6 +377,9 @@ def run_chains(
                 kept_t.append(t)
                 kept_s.append(s)
                 kept_w.append(before.w)
+                g = getattr(info, "grad", None)
+                if isinstance(g, torch.Tensor) and g.shape == before.w.shape:
+                    kept_grad.append(g)
                 for r, sel in zip(recorders, kept_sel, strict=True):
                     sel.append(r.select(s, before, info))
                 if wanted != ():
@@ -576,6 +601,7 @@ class _Declaration:
         return None
 
     def window(self, S, W, sel) -> dict:
-        K, C, d = W.shape
-        ev = self.post.evaluate(W.reshape(K * C, d), grad=True, loss=True, defects=True)
+        K, (C, d) = len(W), W[0].shape
+        flat = torch.stack(W).reshape(K * C, d)
+        ev = self.post.evaluate(flat, grad=True, loss=True, defects=True)
         return {k: (S[0], v.reshape(K, C)) for k, v in ev.items()}

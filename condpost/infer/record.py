@@ -141,7 +141,7 @@ class LossRecorder:
         pos = [i for i, s in enumerate(S) if s % self.every == 0]
         if not pos:
             return {}
-        Wm = W[pos]  # [J, C, d]
+        Wm = torch.stack([W[i] for i in pos])  # [J, C, d]
         J, C, d = Wm.shape
         out = self.evaluate(Wm.reshape(J * C, d))
         j0 = S[pos[0]] // self.every

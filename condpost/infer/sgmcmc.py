@@ -366,11 +366,10 @@ def _potential_fns(pot: Potential, *, vectorize: bool | str = "auto", compile: b
                 (g,) = torch.autograd.grad(u.sum(), w)
         diff = W - anchor
         if gam:
-            g = g.add(diff, alpha=gam)
-        if potential == "dist2":
-            u = (diff * diff).sum(-1)
-        elif potential:
-            u = u.detach() + (0.5 * gam) * (diff * diff).sum(-1)
+            g = g.add_(diff, alpha=gam)  # g is autograd's fresh output: updated in place
+        if potential:  # ‖w − w⁰‖² per chain as a batched dot product (no temporary)
+            d2 = torch.bmm(diff.unsqueeze(1), diff.unsqueeze(2)).view(-1)
+            u = d2 if potential == "dist2" else u.detach() + (0.5 * gam) * d2
         else:
             u = None
         return g, u, loss.detach()
@@ -846,7 +845,7 @@ class _Recorder:
         self.nll_center = _center_nll(post) if loss in ("independent", "gradient") else None
 
     def shapes(self) -> dict[str, int]:
-        out = {"loss": self.loss_every, "virial": 1, "batch_loss": 1}
+        out = {"loss": self.loss_every, "batch_loss": 1}
         if self.method == "sgnht":
             out["thermostat"] = 1
         out.update(dict.fromkeys(self.defect_names, 1))
@@ -856,21 +855,18 @@ class _Recorder:
 
     def select(self, s, state, info):
         idx = info.index if self.loss == "gradient" and s % self.loss_every == 0 else None
-        return info.grad, info.loss, state.thermostat, idx
+        return None, info.loss, state.thermostat, idx
 
     def window(self, S, W, sel):
-        post, C = self.post, W.shape[1]
-        diff = W - post.center
-        out = {
-            "virial": (S[0], (diff * torch.stack([x[0] for x in sel])).sum(-1)),
-            "batch_loss": (S[0], torch.stack([x[1] for x in sel])),
-        }
+        post, C = self.post, W[0].shape[0]
+        # the virial term comes from the driver (Info.grad, in its pass over the draws)
+        out = {"batch_loss": (S[0], torch.stack([x[1] for x in sel]))}
         if self.method == "sgnht":
             out["thermostat"] = (S[0], torch.stack([x[2] for x in sel]))
         pos = [i for i, s in enumerate(S) if s % self.loss_every == 0]
         if pos:
             j0 = S[pos[0]] // self.loss_every
-            Wm = W[pos]  # [J, C, d]
+            Wm = torch.stack([W[i] for i in pos])  # [J, C, d]
             J = len(pos)
             if self.loss == "full":
                 lv = post.evaluate(Wm.reshape(J * C, -1), grad=False)["loss"].view(J, C)
@@ -892,12 +888,13 @@ class _Recorder:
         if self.full_every:
             pf = [i for i, s in enumerate(S) if s % self.full_every == 0]
             if pf:
-                Wf = W[pf]
-                lf = post.evaluate(Wf.reshape(-1, W.shape[-1]), grad=False)["loss"]
+                Wf = torch.stack([W[i] for i in pf])
+                lf = post.evaluate(Wf.reshape(-1, Wf.shape[-1]), grad=False)["loss"]
                 out["loss_full"] = (S[pf[0]] // self.full_every, lf.view(len(pf), C))
         if self.defect_names:
-            K = W.shape[0]
-            dv = post.evaluate(W.reshape(K * C, -1), grad=False, loss=False, defects=True)
+            K = len(W)
+            Wd = torch.stack(W).reshape(K * C, -1)
+            dv = post.evaluate(Wd, grad=False, loss=False, defects=True)
             for nm in self.defect_names:
                 out[nm] = (S[0], dv[nm].reshape(K, C))
         return out
