@@ -286,7 +286,9 @@ class StepSizeCalibration:
         ``step_size``, ``status`` (``"ok"`` or why the rung is unusable), ``llc``,
         ``llc_se``, ``drift``, ``plateau``, ``virial``, ``virial_se``, ``accept``,
         ``llc_bias`` and ``llc_bias_se`` (relative), ``virial_bias`` and
-        ``virial_bias_se`` (absolute), ``qualifies``.
+        ``virial_bias_se`` (absolute), ``qualifies``; ``steps`` (the rung's length),
+        ``relaxation_time`` (τ, NaN with ``relax=0``), ``start`` (``"w*"`` or
+        ``"previous rung"``) and ``extended`` (how often the drift check doubled it).
     recommended : float
         The recommended step size (always set; see ``qualified``).
     qualified : bool
@@ -294,7 +296,8 @@ class StepSizeCalibration:
     reasoning : list of str
         How the recommendation was reached, one line per decision.
     traces : dict
-        ``step_size → [chains, steps]`` array of ``nβ·(L_B(w) − L_B(w*))``.
+        ``step_size → [chains, steps]`` array of ``nβ·(L_B(w) − L_B(w*))`` (each rung's
+        own length).
     settings : dict
     """
 
