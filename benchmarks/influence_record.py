@@ -108,8 +108,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--chains", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--draws", type=int, default=40)
-    ap.add_argument("--thin", type=int, default=25)
+    ap.add_argument("--draws", type=int, default=20)
+    ap.add_argument("--thin", type=int, default=100)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--step", type=float, default=1e-5)
     ap.add_argument("--repeats", type=int, default=3)
@@ -123,7 +123,7 @@ def main() -> None:
     print(
         f"MLP 32→{args.hidden}→{args.hidden}→10, d = {post.d:,}, n = q = {args.n:,}; SGLD "
         f"{args.chains} chains × ({args.warmup} + {args.draws}·{args.thin}) steps, batch 256; "
-        f"losses recorded at every {args.every}-th kept draw; {args.threads} thread(s)"
+        f"losses recorded at every {args.every}. kept draw; {args.threads} thread(s)"
     )
     run(post, args, True, draws=2)  # warm up both paths
     plain, rec = [], []

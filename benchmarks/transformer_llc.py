@@ -220,7 +220,9 @@ def devinterp_python(venv: Path) -> str | None:
         return sys.executable
     py = venv / "bin" / "python"
     if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
+        )
     if not ok(str(py)):
         import torch
 
@@ -323,11 +325,7 @@ def main() -> None:
     for i, c in enumerate(cp_out["results"]):
         dv = dv_out["results"][i] if dv_out else None
         ratio = c["chain_steps_per_s"] / dv["chain_steps_per_s"] if dv else float("nan")
-        z = (
-            (c["llc"] - dv["llc"]) / math.hypot(c["llc_se"], dv["llc_se"])
-            if dv
-            else float("nan")
-        )
+        z = (c["llc"] - dv["llc"]) / math.hypot(c["llc_se"], dv["llc_se"]) if dv else float("nan")
         dvs = f"{dv['chain_steps_per_s']:18.1f}" if dv else f"{'—':>18s}"
         dvl = f"{dv['llc']:9.2f} ± {dv['llc_se']:5.2f}" if dv else f"{'—':>16s}"
         print(
