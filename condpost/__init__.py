@@ -30,6 +30,7 @@ from .constraints import (
     WeightSparsity,
     WeightZeroPattern,
 )
+from .data import DataNotInMemoryError
 from .lifting import LiftedNetwork
 from .likelihoods import Bernoulli, Categorical, CausalLM, CustomNLL, Gaussian, Likelihood
 from .posterior import LocalPosterior
@@ -42,6 +43,7 @@ from .sweep import SweepResult, sweep
 
 __all__ = [
     "__version__",
+    "DataNotInMemoryError",
     "LocalPosterior",
     "ReferenceClass",
     "LiftedNetwork",
