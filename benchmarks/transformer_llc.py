@@ -30,7 +30,9 @@ environment ``benchmarks/.venv/devinterp``, created on first use with
     python benchmarks/transformer_llc.py --gpu             # on a GPU machine, larger model
 
 ``--threads`` (default 1) sets torch's intra-op threads in both samplers: on a busy
-2-core machine one thread is often faster than two.
+2-core machine one thread is often faster than two. ``--sequential`` also times condpost
+with ``vectorize=False`` (chains one at a time through the one-chain gradient), which is
+faster than ``vmap`` when the gradient's arithmetic dominates the step.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def condpost_worker(spec: dict) -> dict:
             loss="gradient",
             progress=False,
             num_threads=int(spec["threads"]),
+            vectorize=spec.get("vectorize", "auto"),
         )
         wall = time.perf_counter() - t0
         lam = ref.llc(warn_user=False)
@@ -261,6 +264,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="also time condpost with vectorize=False (chains one at a time)",
+    )
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())
@@ -309,6 +317,11 @@ def main() -> None:
         torch.save(ids, tmp / "ids.pt")
         spec.update(state=str(tmp / "state.pt"), ids=str(tmp / "ids.pt"))
         cp_out = run_worker(sys.executable, "condpost", spec, tmp)
+        seq_out = (
+            run_worker(sys.executable, "condpost", {**spec, "vectorize": False}, tmp)
+            if args.sequential
+            else None
+        )
         py = devinterp_python(args.venv)
         dv_out = run_worker(py, "devinterp", spec, tmp) if py else None
     print(
@@ -332,7 +345,16 @@ def main() -> None:
             f"{c['component']:10s} {c['d']:9,d} {c['chain_steps_per_s']:17.1f} {dvs} "
             f"{ratio:6.2f}× {c['llc']:9.2f} ± {c['llc_se']:5.2f} {dvl} {z:6.2f}"
         )
-        rows.append({"condpost": c, "devinterp": dv, "ratio": ratio, "z": z})
+        row = {"condpost": c, "devinterp": dv, "ratio": ratio, "z": z}
+        if seq_out:
+            sq = seq_out["results"][i]
+            r2 = sq["chain_steps_per_s"] / dv["chain_steps_per_s"] if dv else float("nan")
+            print(
+                f"{'  one chain at a time':21s}{sq['chain_steps_per_s']:16.1f} {'':18s} "
+                f"{r2:6.2f}× {sq['llc']:9.2f} ± {sq['llc_se']:5.2f}"
+            )
+            row["condpost_sequential"] = sq
+        rows.append(row)
     print(
         f"peak RSS: condpost {cp_out['peak_mb']:.0f} MB, devinterp "
         f"{dv_out['peak_mb'] if dv_out else float('nan'):.0f} MB"

@@ -206,6 +206,8 @@ def test_vectorized_chains_equal_per_chain_loop():
     assert vec.settings["vectorized"] and not loop.settings["vectorized"]
     np.testing.assert_allclose(vec.flat(), loop.flat(), rtol=0, atol=1e-10)
     np.testing.assert_allclose(vec.flat()[:1], one.flat(), rtol=0, atol=1e-10)
+    # one chain at a time runs each chain through the one-chain path: equal to a 1-chain run
+    np.testing.assert_array_equal(loop.flat()[:1], one.flat())
 
 
 class _TwoLayer(torch.nn.Module):
