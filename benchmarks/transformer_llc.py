@@ -222,6 +222,60 @@ def devinterp_worker(spec: dict) -> dict:
     return {"results": out, "peak_mb": _peak_mb(), "version": version("devinterp")}
 
 
+def plain_masked_sgld(model, ids, spec: dict, layer: int, head: int, chains: int = 4) -> dict:
+    """An independent check of a per-head λ̂: SGLD written by hand on one head's tensors
+    (``W_Q/W_K/W_V/W_O[h]``, ``b_Q/b_K/b_V[h]``), per-token loss, the same ε, γ, nβ per
+    token, batch and steps; nβ·(L(w_t) − L(w*)) on a fixed 512-sequence subset (paired
+    with w*) at every 5th step, averaged over steps and chains."""
+    import torch
+
+    T = ids.shape[1]
+    nb_tok, eps, gam = spec["nbeta"] * (T - 1), spec["eps"], spec["gamma"]
+    attn = model.blocks[layer].attn
+    names = ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"]
+    params = {k: getattr(attn, k) for k in names}
+    star = {k: p.detach().clone() for k, p in params.items()}
+    mask = {k: torch.zeros_like(p) for k, p in params.items()}
+    for k in names:
+        mask[k][head] = 1
+
+    def tok_loss(x):
+        lg = model(x)
+        return torch.nn.functional.cross_entropy(
+            lg[:, :-1].reshape(-1, lg.shape[-1]), x[:, 1:].reshape(-1)
+        )
+
+    sub = ids[:512]
+    with torch.no_grad():
+        l0 = float(tok_loss(sub))
+    g = torch.Generator().manual_seed(5)
+    per_chain = []
+    for _ in range(chains):
+        vals = []
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(star[k])
+        for t in range(spec["steps"]):
+            if t % 5 == 0:
+                with torch.no_grad():
+                    vals.append(nb_tok * (float(tok_loss(sub)) - l0))
+            idx = torch.randint(ids.shape[0], (spec["batch"],), generator=g)
+            model.zero_grad()
+            tok_loss(ids[idx]).backward()
+            with torch.no_grad():
+                for k, p in params.items():
+                    dw = (nb_tok * p.grad + gam * (p - star[k])) * mask[k]
+                    noise = torch.randn(p.shape, generator=g) * mask[k]
+                    p.add_(dw, alpha=-0.5 * eps).add_(noise, alpha=eps**0.5)
+        per_chain.append(sum(vals) / len(vals))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(star[k])
+    m = sum(per_chain) / len(per_chain)
+    sd = (sum((v - m) ** 2 for v in per_chain) / (len(per_chain) - 1)) ** 0.5
+    return {"llc": m, "llc_se": sd / len(per_chain) ** 0.5, "chains": chains}
+
+
 def devinterp_python(venv: Path) -> str | None:
     def ok(py):
         r = subprocess.run([py, "-c", "import devinterp.slt.sampling"], capture_output=True)
@@ -272,6 +326,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument(
+        "--plain",
+        action="store_true",
+        help="also run a hand-written masked SGLD on the first head (independent check)",
+    )
     ap.add_argument(
         "--full-init-loss",
         action="store_true",
@@ -331,6 +390,11 @@ def main() -> None:
         torch.save(ids, tmp / "ids.pt")
         spec.update(state=str(tmp / "state.pt"), ids=str(tmp / "ids.pt"))
         cp_out = run_worker(sys.executable, "condpost", spec, tmp)
+        plain = None
+        if args.plain and len(spec["components"]) > 1:
+            comp = spec["components"][1]
+            layer, head = map(int, comp[1:].split("h"))
+            plain = {"component": comp, **plain_masked_sgld(model, ids, spec, layer, head)}
         seq_out = (
             run_worker(sys.executable, "condpost", {**spec, "vectorize": False}, tmp)
             if args.sequential
@@ -369,6 +433,11 @@ def main() -> None:
             )
             row["condpost_sequential"] = sq
         rows.append(row)
+    if plain is not None:
+        print(
+            f"hand-written masked SGLD on {plain['component']} ({plain['chains']} chains, same "
+            f"steps): λ̂ = {plain['llc']:.2f} ± {plain['llc_se']:.2f}"
+        )
     print(
         f"peak RSS: condpost {cp_out['peak_mb']:.0f} MB, devinterp "
         f"{dv_out['peak_mb'] if dv_out else float('nan'):.0f} MB"
