@@ -9,6 +9,7 @@ Importing condpost never imports jax.
 """
 
 from . import (
+    distributed,  # imports no jax until init_jax() is called
     info,  # imports no jax
     models,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "CustomNLL",
     "CausalLM",
     "models",
+    "distributed",
     "estimate_llc",
     "sample_auto",
     "Constraint",
