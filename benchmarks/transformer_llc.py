@@ -201,6 +201,9 @@ def devinterp_worker(spec: dict) -> dict:
             # L_n(w*) from the whole dataset (devinterp's default, 32 batches shared by all
             # chains, adds an offset of about nβ·SE(L̂(w*)) to every chain's λ̂)
             num_init_loss_batches=spec.get("init_batches", 32),
+            # True (devinterp's default): every chain sees the same batches, so the data
+            # noise of the sampled losses is shared by all chains
+            match_sampling_input_ids_across_chains=not spec.get("independent_batches", False),
             init_seed=0,
             output_path=str(path),
             device="cpu",
@@ -332,6 +335,11 @@ def main() -> None:
         help="also run a hand-written masked SGLD on the first head (independent check)",
     )
     ap.add_argument(
+        "--independent-batches",
+        action="store_true",
+        help="devinterp chains draw their own batches (default: all chains see the same ones)",
+    )
+    ap.add_argument(
         "--full-init-loss",
         action="store_true",
         help="devinterp estimates L_n(w*) on the whole dataset (default: its 32 batches)",
@@ -383,6 +391,7 @@ def main() -> None:
         "batch": 8,
         "components": ["full", *[h for h in args.heads.split(",") if h]],
         "init_batches": n // 8 if args.full_init_loss else 32,
+        "independent_batches": bool(args.independent_batches),
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
