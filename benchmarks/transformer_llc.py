@@ -72,10 +72,10 @@ def make_tokens(n: int, T: int, vocab: int, seed: int):
     return ids
 
 
-def build_model(cfg: dict, seed: int = 0):
+def build_model(cfg: dict, seed: int = 0, device: str = "cpu"):
     import transformer_lens as tl
 
-    c = tl.HookedTransformerConfig(**cfg, act_fn="gelu", device="cpu", seed=seed)
+    c = tl.HookedTransformerConfig(**cfg, act_fn="gelu", device=device, seed=seed)
     return tl.HookedTransformer(c)
 
 
@@ -88,7 +88,7 @@ def train(model, ids, steps: int, lr: float = 3e-3, batch: int = 64, seed: int =
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         idx = torch.randint(ids.shape[0], (batch,), generator=g)
-        x = ids[idx]
+        x = ids[idx].to(next(model.parameters()).device)
         logits = model(x)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
@@ -112,9 +112,10 @@ def condpost_worker(spec: dict) -> dict:
     import condpost as cp
     from condpost.models import causal_lm_data, heads
 
-    model = build_model(spec["cfg"])
-    model.load_state_dict(torch.load(spec["state"], weights_only=True))
-    ids = torch.load(spec["ids"], weights_only=True)
+    dev = spec.get("device", "cpu")
+    model = build_model(spec["cfg"], device=dev)
+    model.load_state_dict(torch.load(spec["state"], weights_only=True, map_location=dev))
+    ids = torch.load(spec["ids"], weights_only=True).to(dev)
     x, y = causal_lm_data(ids)
     out = []
     for comp in spec["components"]:
@@ -169,8 +170,9 @@ def devinterp_worker(spec: dict) -> dict:
     from devinterp.slt.sampling import sample
     from devinterp.slt.weight_restrictions import create_param_masks
 
-    model = build_model(spec["cfg"])
-    model.load_state_dict(torch.load(spec["state"], weights_only=True))
+    dev = spec.get("device", "cpu")
+    model = build_model(spec["cfg"], device=dev)
+    model.load_state_dict(torch.load(spec["state"], weights_only=True, map_location=dev))
     ids = torch.load(spec["ids"], weights_only=True)
 
     class Tokens(torch.utils.data.Dataset):
@@ -206,7 +208,7 @@ def devinterp_worker(spec: dict) -> dict:
             match_sampling_input_ids_across_chains=not spec.get("independent_batches", False),
             init_seed=0,
             output_path=str(path),
-            device="cpu",
+            device=dev,
         )
         wall = time.perf_counter() - t0
         res = compute_llc(st)
@@ -355,22 +357,25 @@ def main() -> None:
         fn = condpost_worker if args.worker == "condpost" else devinterp_worker
         Path(args.out).write_text(json.dumps(fn(spec)))
         return
-    if args.gpu:
-        raise SystemExit(
-            "--gpu: this script's GPU configuration needs a CUDA machine; run it there "
-            "(the CPU size is the default)"
-        )
     import torch
 
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit(
+            "--gpu: no CUDA device is visible; run it on a GPU machine (the CPU size is the "
+            "default)"
+        )
     torch.set_num_threads(args.threads)
-    if args.quick:
+    if args.gpu:  # about 7M weights
+        cfg = dict(n_layers=4, d_model=384, n_heads=6, d_head=64, d_mlp=1536, d_vocab=256, n_ctx=64)
+        n, T, train_steps, steps, chains = 16384, 64, 600, args.steps, args.chains
+    elif args.quick:
         cfg = dict(n_layers=1, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=48, n_ctx=16)
         n, T, train_steps, steps, chains = 512, 16, 150, 20, 4
     else:
         cfg = dict(n_layers=2, d_model=192, n_heads=6, d_head=32, d_mlp=768, d_vocab=96, n_ctx=24)
         n, T, train_steps, steps, chains = 4096, 24, 400, args.steps, args.chains
     ids = make_tokens(n, T, cfg["d_vocab"], seed=1)
-    model = build_model(cfg)
+    model = build_model(cfg, device="cuda" if args.gpu else "cpu")
     d_all = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     final = train(model, ids, train_steps)
@@ -391,6 +396,7 @@ def main() -> None:
         "batch": 8,
         "components": ["full", *[h for h in args.heads.split(",") if h]],
         "init_batches": n // 8 if args.full_init_loss else 32,
+        "device": "cuda" if args.gpu else "cpu",
         "independent_batches": bool(args.independent_batches),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -414,7 +420,8 @@ def main() -> None:
     print(
         f"SGLD, {chains} chains × {steps} steps (no burn-in), ε = {spec['eps']:g}, γ = "
         f"{spec['gamma']:g}, nβ = n/log n = {nbeta:.1f} per sequence, batch {spec['batch']} "
-        f"sequences of {T} tokens, {args.threads} thread(s), CPU"
+        f"sequences of {T} tokens, {args.threads} thread(s), "
+        f"{torch.cuda.get_device_name(0) if args.gpu else 'CPU'}"
     )
     hdr = (
         f"{'component':10s} {'d':>9s} {'condpost steps/s':>17s} {'devinterp steps/s':>18s} "
