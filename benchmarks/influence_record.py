@@ -123,7 +123,7 @@ def main() -> None:
     print(
         f"MLP 32→{args.hidden}→{args.hidden}→10, d = {post.d:,}, n = q = {args.n:,}; SGLD "
         f"{args.chains} chains × ({args.warmup} + {args.draws}·{args.thin}) steps, batch 256; "
-        f"losses recorded at every {args.every}. kept draw; {args.threads} thread(s)"
+        f"losses recorded with record_every={args.every}; {args.threads} thread(s)"
     )
     run(post, args, True, draws=2)  # warm up both paths
     plain, rec = [], []

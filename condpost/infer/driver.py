@@ -149,7 +149,17 @@ def centred_dots(ws: list[torch.Tensor], center: torch.Tensor, others=None):
     """``‖w_k − w*‖²`` and, with ``others``, ``(w_k − w*)·o_k`` for draws ``w_k`` ``[C, d]``,
     as ``[K, C]`` tensors, through one reused difference buffer and batched dot products
     (no ``[K, C, d]`` stack, no temporary per draw: at large ``d`` these reductions are
-    memory-bound)."""
+    memory-bound). A window of at most 2²⁴ numbers is stacked and reduced in one call
+    instead (small networks: one call rather than a few per draw); with two or more
+    chains both give the same values bit for bit."""
+    C, d = ws[0].shape
+    if len(ws) * C * d <= 1 << 24:
+        B = torch.stack(ws).sub_(center).view(-1, 1, d)  # [K·C, 1, d]
+        d2 = torch.bmm(B, B.view(-1, d, 1)).view(len(ws), C)
+        if others is None:
+            return d2, None
+        O = torch.stack(others).view(-1, d, 1)
+        return d2, torch.bmm(B, O).view(len(ws), C)
     buf = torch.empty_like(ws[0])
     d2, dots = [], []
     for k, w in enumerate(ws):
@@ -227,7 +237,7 @@ def run_chains(
 
     for r in recorders:
         if hasattr(r, "describe"):
-            settings[f"record_{getattr(r, 'kind', 'losses')}"] = r.describe()
+            settings[f"record_{r.kind}"] = r.describe()
             identity = {**(identity or {}), "record": r.describe()}
     template = init_state()
     state, t, done, rs = template, 0, 0, None
@@ -463,9 +473,7 @@ def run_chains(
         draws_arr = rs.draws_view() if keep_draws else None
     else:
         draws_arr = draws_buf[:, :good] if draws_buf is not None else None
-    records = {
-        getattr(r, "kind", "losses"): r.result(good) for r in recorders if hasattr(r, "result")
-    }
+    records = {r.kind: r.result(good) for r in recorders if hasattr(r, "result")}
     return SampleResult(
         draws=draws_arr,
         stats=stats_out,

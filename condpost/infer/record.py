@@ -60,6 +60,9 @@ def query_set(post, query, what: str = "record_losses") -> tuple[torch.Tensor, t
 class LossRecorder:
     """``ℓ_i(w)`` of a query set at every ``every``-th kept draw (module doc)."""
 
+    #: the name of its array in ``SampleResult.records`` and of its ``settings["record_…"]``
+    kind = "losses"
+
     def __init__(self, post, query, every: int = 1, *, chunk: int = 4096, what="record_losses"):
         if isinstance(every, bool) or int(every) != every or every < 1:
             raise ValueError(f"record_every must be an integer ≥ 1; got {every!r}")

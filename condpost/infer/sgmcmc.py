@@ -866,14 +866,14 @@ class _Recorder:
 
     def select(self, s, state, info):
         idx = info.index if self.loss == "gradient" and s % self.loss_every == 0 else None
-        return None, info.loss, state.thermostat, idx
+        return info.loss, state.thermostat, idx
 
     def window(self, S, W, sel):
         post, C = self.post, W[0].shape[0]
         # the virial term comes from the driver (Info.grad, in its pass over the draws)
-        out = {"batch_loss": (S[0], torch.stack([x[1] for x in sel]))}
+        out = {"batch_loss": (S[0], torch.stack([x[0] for x in sel]))}
         if self.method == "sgnht":
-            out["thermostat"] = (S[0], torch.stack([x[2] for x in sel]))
+            out["thermostat"] = (S[0], torch.stack([x[1] for x in sel]))
         pos = [i for i, s in enumerate(S) if s % self.loss_every == 0]
         if pos:
             j0 = S[pos[0]] // self.loss_every
@@ -893,7 +893,7 @@ class _Recorder:
                     ).view(J, C)
                 else:  # "gradient": the batch the step at the draw used
                     lb = out["batch_loss"][1][pos]
-                    idx = torch.stack([sel[i][3] for i in pos])
+                    idx = torch.stack([sel[i][2] for i in pos])
                 lv = lb - self.nll_center[idx].mean(-1) + post.loss_center
             out["loss"] = (j0, lv)
         if self.full_every:
@@ -1133,11 +1133,7 @@ def run_sgmcmc(
             "prior_scale": potential.localization**-0.5,
             "centre_norm": float(potential.anchor.norm()),
         }
-        blowup = float("inf")
-    elif kernel.settings["localization_used"] > 0:
-        # E‖w − w*‖² is about d/γ when the localizer alone confines the draws; 10⁴ times
-        # that means the chain has blown up even if the numbers are still finite
-        blowup = 1e4 * post.d / float(kernel.settings["localization_used"])
+        blowup = float("inf")  # a global prior: no bound around w* (else the driver's 10⁴·d/γ)
     identity_keys = (
         "method", "chains", "warmup", "thin", "seed", "step_size", "batch_size", "friction",
         "rmsprop_alpha", "rmsprop_eps", "nbeta_used", "localization_used", "loss_estimator",
