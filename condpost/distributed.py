@@ -344,7 +344,8 @@ def sample(
         Progress bars (default: on rank 0 only).
     timeout : float (seconds) or timedelta
         How long a rank waits for the others at the end (default 7 days; only used when
-        this call creates the process group, NCCL on GPUs, gloo on CPUs).
+        this call creates the process group, NCCL on GPUs, gloo on CPUs). A group this
+        call creates is destroyed before it returns; one the caller made is left as is.
     **options :
         The method's options (``step_size=``, ``batch_size=``, ``num_threads=``,
         ``record_losses=``, ...), the same on every rank.
@@ -391,7 +392,28 @@ def sample(
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    ctx = _init_group(ctx, dev, timeout)
+    made = _init_group(ctx, dev, timeout)
+    try:
+        return _sample_in_group(
+            post, method, made, ids, dev, chains=chains, warmup=warmup, draws=draws,
+            seed=seed, store=store, resume=resume, device=device, progress=progress,
+            options=options,
+        )  # fmt: skip
+    finally:
+        # a group this call created is torn down here, on every rank after the last
+        # collective: a gloo group left to the interpreter's exit can abort the process
+        # ("terminate called without an active exception") after all draws are written
+        if made.initialized and not ctx.initialized:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _sample_in_group(
+    post, method, ctx: Context, ids, dev, *, chains, warmup, draws, seed, store, resume,
+    device, progress, options,
+) -> ReferenceClass | None:  # fmt: skip
     root = Path(store)
 
     # rank 0 checks the directory and writes the manifest; every rank must see it
